@@ -1,0 +1,1 @@
+"""Optional features of webqq, each loaded by name with client.load(name, **options)."""

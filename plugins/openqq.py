@@ -1,0 +1,1464 @@
+# -*- coding: utf-8 -*-
+"""openqq: the Openqq HTTP API of Mojo-Webqq, with check_event, post_api and poll_api.
+
+    client.load("openqq", listen=[{"host": "127.0.0.1", "port": 5000}],
+                post_api="http://127.0.0.1:8000/post", access_token="s3cret")
+
+Every route of the original answers with the original's JSON (key sets, types, codes, status
+strings); docs/openqq.md lists the options, the routes and where we deliberately differ.
+
+ 1. Constants     options and their defaults, request-level codes
+ 2. Requests      Request, Response, ApiError; parameters from query, form, multipart, JSON
+ 3. Security      access token, auth callback, cross-site refusal, JSONP names, protected mode
+ 4. Event hub     check_event: bounded queue drained whole, long-poll, cursor mode
+ 5. Reporter      post_api: worker threads, bounded queue, retries, signature, reply/shutup
+ 6. Routes        Api: the Openqq routes against the Client contract
+ 7. Server        ThreadingHTTPServer per listen entry, keep-alive, TLS, connection cap
+ 8. Poller        the poll_api loop, following redirects into this server's own API
+ 9. Plugin        Openqq (the object call() returns) and call(client, **options)
+"""
+
+import base64
+import collections
+import email.parser
+import email.policy
+import hashlib
+import hmac
+import http.cookiejar
+import ipaddress
+import json
+import re
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+import time
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote_to_bytes, urljoin, urlsplit
+
+from webqq import Http, TransportError, __version__, json_dumps, to_int
+
+###############################################################################
+# 1. Constants
+###############################################################################
+
+# The events the original reports by default (post_event_list).
+DEFAULT_EVENTS = ("login", "stop", "state_change", "input_qrcode", "new_group", "new_friend",
+                  "new_group_member", "lose_group", "lose_friend", "lose_group_member")
+
+# Every option with its default; docs/openqq.md explains each one.
+OPTIONS = {
+    "listen": None,                       # [{"host": "127.0.0.1", "port": 5000}]
+    "access_token": None,
+    "auth": None,
+    "allow_insecure": False,
+    "allow_origin": (),
+    "tls_cert": None, "tls_key": None, "tls_ca": None, "tls_ciphers": None,
+    "request_timeout": 60,
+    "max_body_size": 1048576,
+    "max_connections": 2000,
+    "post_api": None,
+    "post_event": True,
+    "post_event_list": DEFAULT_EVENTS,
+    "post_stdout": False,
+    "post_secret": None,
+    "post_timeout": 5,
+    "post_retries": 6,
+    "post_retry_backoff": 1.0,
+    "post_queue_size": 1000,
+    "post_workers": 4,
+    "post_media_data": True,              # accepted for compatibility; unused, as in the original
+    "check_event_list_max_size": 20,
+    "check_event_timeout": 30,
+    "check_event_history_size": 1000,
+    "poll_api": None,
+    "poll_interval": 5,
+    "poll_timeout": 120,
+    "stop_delay": 3,
+}
+
+MESSAGE_TYPES = frozenset(("friend_message", "group_message", "discuss_message", "sess_message"))
+# Parameters that steer a request and are never search attributes.
+RESERVED = frozenset(("datatype", "callback", "async", "client", "access_token", "cursor"))
+# The 1.x names search_group still answers to (the original's Group AUTOLOAD).
+GROUP_ALIASES = {"gname": "name", "gnumber": "uid", "gtype": "role"}
+
+# Request-level codes. -6 is the original's auth failure, -7 design.md's "client not running";
+# the others are ours, for requests the original answered with HTML or not at all.
+AUTH_FAILED = -6
+NOT_RUNNING = -7
+NOT_FOUND = -8
+BAD_REQUEST = -9
+INTERNAL_ERROR = -10
+
+CORS_METHODS = "OPTIONS, HEAD, GET, POST"
+CORS_HEADERS = "X-Requested-With, X-Auth-Token, Content-Type, Content-Length, Authorization"
+JSONP_NAME = re.compile(r"^[A-Za-z0-9_.$]{1,128}$")
+TOKEN_IN_TEXT = re.compile(r"(access_token=)[^&\s\"']*")
+
+
+def to_bool(value):
+    """An option's truth: booleans, numbers, and the usual words of an INI file."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "0", "false", "no", "off", "none")
+    return bool(value)
+
+
+def to_list(value):
+    """A list option given as a list, a tuple, or a comma/space separated string."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [item for item in re.split(r"[\s,]+", value) if item]
+    return list(value)
+
+
+def perl_true(value):
+    """A request parameter's truth as the original reads it: "" and "0" are false."""
+    return value is not None and value not in ("", "0")
+
+
+def redact(text):
+    """text with any access_token value masked, for log lines."""
+    return TOKEN_IN_TEXT.sub(r"\1***", text)
+
+
+###############################################################################
+# 2. Requests
+###############################################################################
+
+
+class ApiError(Exception):
+    """A request the API refuses: the HTTP status, the Openqq code and a readable status."""
+
+    def __init__(self, http_status, code, status, headers=(), **extra):
+        Exception.__init__(self, status)
+        self.http_status = http_status
+        self.body = dict(extra, code=code, status=status)
+        self.headers = list(headers)
+
+    def response(self):
+        return Response(json_dumps(self.body).encode("utf-8"), self.http_status, self.headers)
+
+
+def bad_request(status, http_status=400):
+    return ApiError(http_status, BAD_REQUEST, status)
+
+
+class Response(object):
+    """What the API answers: body bytes, HTTP status, headers, and what to do if it can't be delivered."""
+
+    __slots__ = ("body", "status", "headers", "content_type", "undelivered")
+
+    def __init__(self, body, status=200, headers=(), content_type="application/json; charset=utf-8"):
+        self.body = body
+        self.status = status
+        self.headers = list(headers)
+        self.content_type = content_type
+        self.undelivered = None
+
+
+class Request(object):
+    """One API call as the routes see it, whether it came over HTTP or from a poll_api redirect."""
+
+    __slots__ = ("method", "path", "params", "headers", "scheme", "alive", "trusted")
+
+    def __init__(self, method, path, params, headers=None, scheme="http", alive=None, trusted=False):
+        self.method = method
+        self.path = path
+        self.params = params
+        self.headers = headers or {}
+        self.scheme = scheme
+        self.alive = alive or (lambda: True)
+        self.trusted = trusted
+
+    def param(self, name):
+        """The parameter's value (the first one if it was repeated), or None."""
+        value = self.params.get(name)
+        return value[0] if isinstance(value, tuple) else value
+
+
+def unquote(raw, charset):
+    """Percent-decode every byte of a query or form component, '+' read as a space."""
+    data = unquote_to_bytes(raw.replace(b"+", b" "))
+    try:
+        return data.decode(charset)
+    except UnicodeDecodeError:
+        raise bad_request("parameters must be %s (percent-encoded or not)" % charset.upper())
+
+
+def add_param(params, name, value):
+    """Store a parameter; a repeated name keeps every value in a tuple."""
+    if name in params:
+        old = params[name]
+        params[name] = (old if isinstance(old, tuple) else (old,)) + (value,)
+    else:
+        params[name] = value
+
+
+def json_value(value):
+    """A JSON body's value as parameter text: true/false as 1/0, lists joined with commas."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+        return ",".join(json_value(v) for v in value)
+    raise bad_request("JSON parameters must be strings, numbers, booleans or lists of those")
+
+
+def header_param(header, name):
+    """A parameter of a header value such as Content-Type's charset or boundary."""
+    match = re.search(r";\s*%s=\"?([^\";]+)\"?" % name, header or "", re.I)
+    return match.group(1).strip() if match else None
+
+
+def parse_params(query, content_type, body):
+    """Parameters of a request: the query pairs, then the body's (form, multipart or JSON)."""
+    params = {}
+    for piece in query.split(b"&"):
+        if piece:
+            name, _, value = piece.partition(b"=")
+            add_param(params, unquote(name, "utf-8"), unquote(value, "utf-8"))
+    if not body:
+        return params
+    mime = (content_type or "").split(";")[0].strip().lower()
+    charset = header_param(content_type, "charset") or "utf-8"
+    try:
+        "".encode(charset)
+    except LookupError:
+        raise bad_request("unknown charset %s" % charset[:40])
+    if mime == "application/json" or (not mime and body.lstrip()[:1] == b"{"):
+        try:
+            data = json.loads(body.decode(charset))
+        except (UnicodeDecodeError, ValueError):
+            raise bad_request("the body is not valid JSON in %s" % charset.upper())
+        if not isinstance(data, dict):
+            raise bad_request("a JSON body must be an object")
+        for name, value in data.items():
+            if value is not None:
+                add_param(params, name, json_value(value))
+    elif mime == "multipart/form-data":
+        for name, value in multipart_pairs(content_type, body, charset):
+            add_param(params, name, value)
+    elif mime in ("application/x-www-form-urlencoded", ""):
+        for piece in body.split(b"&"):
+            if piece.strip():
+                name, _, value = piece.strip().partition(b"=")
+                add_param(params, unquote(name, charset), unquote(value, charset))
+    return params
+
+
+def multipart_pairs(content_type, body, charset):
+    """(name, text) of each field of a multipart/form-data body."""
+    head = ("Content-Type: %s\r\n\r\n" % content_type).encode("latin-1", "replace")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        raise bad_request("a multipart body needs its boundary")
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name is None:
+            continue
+        data = part.get_payload(decode=True) or b""
+        try:
+            yield str(name), data.decode(part.get_content_charset() or charset)
+        except (UnicodeDecodeError, LookupError):
+            raise bad_request("multipart field %s is not %s" % (str(name)[:40], charset.upper()))
+
+
+###############################################################################
+# 3. Security
+###############################################################################
+
+
+def is_loopback(host):
+    """True when host (a name or an address) only reaches this machine."""
+    host = (host or "").strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        pass
+    if not host:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback
+                               for info in infos)
+
+
+def url_origin(url):
+    """scheme://host[:port] of a URL, lower-cased, or None."""
+    try:
+        parts = urlsplit(url or "")
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.netloc:
+        return None
+    return "%s://%s" % (parts.scheme.lower(), parts.netloc.lower())
+
+
+class Guard(object):
+    """Who may call: the access token, the auth callback, and the browser cross-site rules."""
+
+    def __init__(self, token, auth, allow_origin, log):
+        self.token = token.encode("utf-8") if token else None
+        self.auth = auth
+        self.allow_origin = frozenset(o.rstrip("/").lower() for o in allow_origin)
+        self.log = log
+
+    def check(self, req):
+        """Raise ApiError(403) unless req may go on."""
+        if req.trusted:
+            return
+        if not self.site_ok(req):
+            raise ApiError(403, AUTH_FAILED, "cross-site request refused")
+        if self.token is not None and not self.token_ok(req):
+            raise ApiError(403, AUTH_FAILED, "auth failure")
+        if self.auth is not None:
+            try:
+                ok = self.auth(dict(req.params), req)
+            except Exception as e:
+                self.log.warning("openqq auth callback failed: %s", e)
+                ok = False
+            if not ok:
+                raise ApiError(403, AUTH_FAILED, "auth failure")
+
+    def token_ok(self, req):
+        given = req.params.get("access_token")
+        if given is None:
+            scheme, _, value = req.headers.get("authorization", "").strip().partition(" ")
+            if scheme.lower() in ("bearer", "token"):
+                given = value.strip()
+        if not isinstance(given, str):
+            return False
+        return hmac.compare_digest(given.encode("utf-8"), self.token)
+
+    def allowed(self, origin):
+        return origin is not None and ("*" in self.allow_origin or origin in self.allow_origin)
+
+    def site_ok(self, req):
+        """False for what a browser marks cross-site, or sends with a foreign Origin, unless allowed."""
+        origin = req.headers.get("origin")
+        if origin is not None:
+            origin = origin.rstrip("/").lower()
+            return origin == self.own_origin(req) or self.allowed(origin)
+        if req.headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site"):
+            return self.allowed(url_origin(req.headers.get("referer")))
+        return True
+
+    @staticmethod
+    def own_origin(req):
+        return "%s://%s" % (req.scheme, req.headers.get("host", "").lower())
+
+    def cors_headers(self, req, preflight=False):
+        """The Access-Control-* headers for an allowed browser request."""
+        origin = req.headers.get("origin")
+        if origin is None and "*" not in self.allow_origin:
+            return []
+        headers = [("Access-Control-Allow-Origin", "*" if "*" in self.allow_origin else origin),
+                   ("Vary", "Origin")]
+        if preflight:
+            headers += [("Access-Control-Allow-Methods", CORS_METHODS),
+                        ("Access-Control-Allow-Headers", CORS_HEADERS),
+                        ("Access-Control-Max-Age", "600")]
+        return headers
+
+
+def check_protected(entries, token, auth, allow_insecure):
+    """Protected mode: refuse a listen address beyond loopback when nothing guards it."""
+    exposed = [e["host"] or "*" for e in entries if not is_loopback(e["host"])]
+    if exposed and not token and auth is None and not allow_insecure:
+        raise ValueError(
+            "openqq refuses to listen on %s without access_token (protected mode): set "
+            "access_token, listen on 127.0.0.1, or set allow_insecure=1 if a firewall or "
+            "proxy guards the port" % ", ".join(exposed))
+
+
+###############################################################################
+# 4. Event hub
+###############################################################################
+
+
+class EventHub(object):
+    """check_event's queue, bounded and drained whole, plus a numbered history for cursor readers."""
+
+    def __init__(self, max_size, history_size):
+        self.max_size = max_size
+        self.cond = threading.Condition()
+        self.queue = collections.deque()
+        self.history = collections.deque(maxlen=max(history_size, max_size))
+        self.seq = 0
+        self.dropped = 0
+        self.closed = False
+
+    def put(self, item):
+        with self.cond:
+            self.seq += 1
+            self.history.append((self.seq, item))
+            self.queue.append(item)
+            self._trim()
+            self.cond.notify_all()
+
+    def _trim(self):
+        while len(self.queue) > self.max_size:
+            self.queue.popleft()
+            self.dropped += 1
+
+    def take(self, timeout, alive):
+        """Every queued item, waiting up to timeout for one; [] on timeout, None if the caller left."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not self.queue:
+                left = deadline - time.monotonic()
+                if self.closed or left <= 0:
+                    return []
+                self.cond.wait(left)
+                if not alive():
+                    return None
+            if not alive():
+                return None
+            items = list(self.queue)
+            self.queue.clear()
+            return items
+
+    def give_back(self, items):
+        """Return items whose answer could not be delivered to the front of the queue."""
+        with self.cond:
+            self.queue.extendleft(reversed(items))
+            self._trim()
+            self.cond.notify_all()
+
+    def read(self, cursor, timeout, alive):
+        """(seq, item) pairs after cursor, waiting up to timeout; a cursor ahead of us starts over."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            if cursor > self.seq:
+                cursor = 0
+            while self.seq <= cursor:
+                left = deadline - time.monotonic()
+                if self.closed or left <= 0 or not alive():
+                    return []
+                self.cond.wait(left)
+            return [pair for pair in self.history if pair[0] > cursor]
+
+    def close(self):
+        """Wake every waiting poller; they answer at once from now on."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+def peer_alive(sock):
+    """False once the peer has closed or reset the connection; reads nothing."""
+    timeout = sock.gettimeout()
+    try:
+        sock.settimeout(0)
+        # socket.socket.recv peeks at the TCP stream below the SSL layer; there a waiting
+        # TLS alert record (type 21) is the close_notify of a client that hung up.
+        data = socket.socket.recv(sock, 1, socket.MSG_PEEK)
+        return data != b"" and not (data == b"\x15" and isinstance(sock, ssl.SSLSocket))
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return True
+    except (OSError, ValueError):
+        return False
+    finally:
+        try:
+            sock.settimeout(timeout)
+        except OSError:
+            pass
+
+
+###############################################################################
+# 5. Reporter
+###############################################################################
+
+Report = collections.namedtuple("Report", "body post_type msg")
+
+
+def outgoing(log):
+    """The core's Http for post_api and poll_api: no cookies shared with the upstream, no redirects."""
+    return Http(jar=http.cookiejar.CookieJar(), log=log, user_agent="webqq/%s" % __version__)
+
+
+def retryable(error):
+    """Whether a failed POST may be sent again: not after a timeout once connected, since the
+    receiver may have processed it. webqq.TransportError names the exception class last."""
+    name = str(error).rsplit(": ", 1)[-1]
+    return name == "ConnectTimeout" or "timeout" not in name.lower()
+
+
+class Reporter(object):
+    """post_api delivery: a queue per worker keyed by conversation, retries, signature, counters."""
+
+    def __init__(self, client, log, url, opts):
+        self.client = client
+        self.log = log
+        self.url = url
+        self.secret = opts["post_secret"].encode("utf-8") if opts["post_secret"] else None
+        self.timeout = opts["post_timeout"]
+        self.retries = opts["post_retries"]
+        self.backoff = opts["post_retry_backoff"]
+        self.capacity = opts["post_queue_size"]
+        self.http = outgoing(log)
+        self.lock = threading.Lock()
+        self.queues = [collections.deque() for _ in range(opts["post_workers"])]
+        self.conds = [threading.Condition(self.lock) for _ in self.queues]
+        self.pending = 0
+        self.stopping = threading.Event()
+        self.deadline = None
+        self.counts = {"sent": 0, "retried": 0, "dropped": 0, "failed": 0}
+        self.threads = [threading.Thread(target=self._work, args=(i,), name="openqq-post-%d" % i,
+                                         daemon=True) for i in range(len(self.queues))]
+
+    def start(self):
+        for t in self.threads:
+            t.start()
+
+    def submit(self, payload, msg=None):
+        """Queue one report; the oldest waiting report makes room when the queue is full."""
+        key = payload.get("group_id") or payload.get("discuss_id") or (
+            payload.get("sender_id") if payload.get("class") == "recv" else payload.get("receiver_id"))
+        index = hash(str(key if msg is not None else "event")) % len(self.queues)
+        report = Report(json_dumps(payload).encode("utf-8"), payload["post_type"], msg)
+        with self.lock:
+            if self.stopping.is_set():
+                self.counts["dropped"] += 1
+                return
+            if self.pending >= self.capacity:
+                longest = max(self.queues, key=len)
+                lost = longest.popleft()
+                self.pending -= 1
+                self.counts["dropped"] += 1
+                self.log.warning("post_api queue full (%d): dropped report %s", self.capacity,
+                                 lost.body[:200].decode("utf-8", "replace"))
+            self.queues[index].append(report)
+            self.pending += 1
+            self.conds[index].notify()
+
+    def counters(self):
+        with self.lock:
+            return dict(self.counts, queued=self.pending)
+
+    def _work(self, index):
+        queue, cond = self.queues[index], self.conds[index]
+        while True:
+            with self.lock:
+                while not queue and not self.stopping.is_set():
+                    cond.wait()
+                if not queue or (self.deadline and time.monotonic() > self.deadline):
+                    self.counts["dropped"] += len(queue)
+                    self.pending -= len(queue)
+                    queue.clear()
+                    return
+                report = queue.popleft()
+                self.pending -= 1
+            try:
+                self._deliver(report)
+            except Exception:
+                self.log.exception("post_api report failed")
+
+    def _deliver(self, report):
+        headers = {"Content-Type": "application/json"}
+        if self.secret is not None:
+            headers["X-Signature"] = "sha1=" + hmac.new(self.secret, report.body, hashlib.sha1).hexdigest()
+        attempt = 0
+        while True:
+            try:
+                res = self.http.request("POST", self.url, data=report.body, headers=headers,
+                                        timeout=self.timeout, follow=False)
+                status, error, again = res.status, "HTTP %d" % res.status, res.status in (502, 503, 504)
+            except TransportError as e:
+                status, error, again = None, str(e), retryable(e)
+            if status is not None and 200 <= status < 300:
+                with self.lock:
+                    self.counts["sent"] += 1
+                self._use_answer(report, res.headers.get("content-type", ""), res.body)
+                return
+            if not again or attempt >= self.retries or self.stopping.is_set():
+                with self.lock:
+                    self.counts["failed"] += 1
+                self.log.warning("post_api report %s failed: %s", report.post_type, error)
+                return
+            delay = min(self.backoff * 2 ** attempt, 30)
+            attempt += 1
+            with self.lock:
+                self.counts["retried"] += 1
+            self.log.debug("post_api %s, retry %d in %.1fs", error, attempt, delay)
+            if self.stopping.wait(delay):
+                with self.lock:
+                    self.counts["failed"] += 1
+                return
+
+    def _use_answer(self, report, content_type, body):
+        """A 2xx JSON answer to a message report: reply to it, shut the group sender up."""
+        if report.msg is None or not re.search("text/json|application/json", content_type, re.I):
+            return
+        try:
+            answer = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            self.log.warning("post_api answered invalid JSON; ignored")
+            return
+        if not isinstance(answer, dict):
+            return
+        msg, reply = report.msg, answer.get("reply")
+        if report.post_type == "send_message" and answer.get("format", "text") != "text":
+            return
+        if isinstance(reply, (int, float)) and not isinstance(reply, bool):
+            reply = str(reply)
+        if reply == "" or (reply is not None and not isinstance(reply, str)):
+            self.log.warning("post_api reply must be non-empty text; ignored")
+        elif reply is not None:
+            self.client.reply_message(msg, reply)
+        if report.post_type == "receive_message" and msg.type == "group_message" \
+                and _number(answer.get("shutup")) == 1:
+            seconds = int(_number(answer.get("shutup_time")) or 60)
+            if not self.client.shutup_group_member(msg.group, [msg.sender], seconds):
+                self.log.warning("post_api shutup of %s failed", getattr(msg.sender, "id", "?"))
+
+    def stop(self, drain):
+        """Deliver what is queued for up to drain seconds (no more retries), then end the workers."""
+        with self.lock:
+            self.deadline = time.monotonic() + drain
+            self.stopping.set()
+            for cond in self.conds:
+                cond.notify_all()
+        others = [t for t in self.threads if t is not threading.current_thread()]
+        for t in others:
+            t.join(drain)
+        self.http.abort()      # past the drain time: break the requests still in flight
+        for t in others:
+            t.join()
+
+
+def _number(value):
+    """A JSON value compared as a number, the way Perl's == does; None when it is no number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+###############################################################################
+# 6. Routes
+###############################################################################
+
+
+def jsonable(value):
+    """An event argument as JSON: model objects through to_json(), bytes as base64."""
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, bytes):
+        return base64.encodebytes(value).decode("ascii")
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return str(value)
+
+
+def not_found(code, what):
+    return {"code": code, "id": None, "status": "%s not found" % what}
+
+
+class Api(object):
+    """The Openqq routes: parameters in, the original's JSON out, against the Client contract."""
+
+    # path: (methods, needs a running client, handler)
+    ROUTES = {
+        "/openqq/get_user_info": ("GET", True, "get_user_info"),
+        "/openqq/get_friend_info": ("GET", True, "get_friend_info"),
+        "/openqq/get_group_info": ("GET", True, "get_group_info"),
+        "/openqq/get_group_basic_info": ("GET", True, "get_group_basic_info"),
+        "/openqq/get_discuss_info": ("GET", True, "get_discuss_info"),
+        "/openqq/search_friend": ("GET POST", True, "search_friend"),
+        "/openqq/search_group": ("GET POST", True, "search_group"),
+        "/openqq/send_friend_message": ("GET POST", True, "send_friend_message"),
+        "/openqq/send_group_message": ("GET POST", True, "send_group_message"),
+        "/openqq/send_discuss_message": ("GET POST", True, "send_discuss_message"),
+        "/openqq/send_sess_message": ("GET POST", True, "send_sess_message"),
+        "/openqq/shutup_group_member": ("GET POST", True, "shutup_group_member"),
+        "/openqq/kick_group_member": ("GET POST", True, "kick_group_member"),
+        "/openqq/check_event": ("GET POST", False, "check_event"),
+        "/openqq/get_client_info": ("GET POST", False, "get_client_info"),
+        "/openqq/stop_client": ("GET POST", False, "stop_client"),
+        "/openqq/relogin": ("GET", False, "relogin"),
+    }
+
+    def __init__(self, plugin):
+        self.plugin = plugin
+        self.client = plugin.client
+        self.contacts = plugin.client.contacts
+        self.guard = plugin.guard
+        self.log = plugin.log
+        self.cache = {}
+
+    def handle(self, req):
+        """Answer one request; never raises."""
+        callback = None
+        try:
+            self.guard.check(req)
+            if req.method == "OPTIONS":
+                return Response(b"", 200, self.guard.cors_headers(req, preflight=True))
+            route = self.ROUTES.get(req.path)
+            method = "GET" if req.method == "HEAD" else req.method
+            if route is None or method not in route[0].split():
+                raise ApiError(403, NOT_FOUND, "api not found")
+            if req.param("datatype") == "jsonp":
+                callback = req.param("callback") or "jsoncallback%d" % time.time()
+                if not JSONP_NAME.match(callback):
+                    callback = None
+                    raise bad_request("callback must match [A-Za-z0-9_.$]{1,128}")
+            if route[1] and self.client.state != "running":
+                raise self.not_running()
+            result = getattr(self, route[2])(req)
+            resp = result if isinstance(result, Response) else Response(
+                result if isinstance(result, bytes) else json_dumps(result).encode("utf-8"))
+        except ApiError as e:
+            resp = e.response()
+        except Exception:
+            self.log.exception("openqq %s failed", req.path)
+            resp = ApiError(500, INTERNAL_ERROR, "internal error").response()
+        if callback is not None:
+            resp.body = b"%s(%s)" % (callback.encode("ascii"), resp.body)
+            resp.content_type = "application/javascript; charset=utf-8"
+        resp.headers.extend(self.guard.cors_headers(req))
+        return resp
+
+    def not_running(self):
+        state = self.client.state
+        return ApiError(503, NOT_RUNNING, "client not running", [("Retry-After", "3")], state=state)
+
+    # -- info ------------------------------------------------------------------
+
+    def cached(self, key, build):
+        """JSON bytes of build(), reused until the contacts change."""
+        version = self.contacts.version
+        hit = self.cache.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        data = json_dumps(build()).encode("utf-8")
+        self.cache[key] = (version, data)
+        return data
+
+    def get_user_info(self, req):
+        return self.cached("user", lambda: self.contacts.user.to_json())
+
+    def get_friend_info(self, req):
+        return self.cached("friends", lambda: [f.to_json() for f in self.contacts.friends()])
+
+    def get_group_info(self, req):
+        return self.cached("groups", lambda: [g.to_json() for g in self.contacts.groups()])
+
+    def get_group_basic_info(self, req):
+        return self.cached("groups_basic",
+                           lambda: [g.to_json(members=False) for g in self.contacts.groups()])
+
+    def get_discuss_info(self, req):
+        return self.cached("discusses", lambda: [d.to_json() for d in self.contacts.discusses()])
+
+    # -- search ------------------------------------------------------------------
+
+    def search(self, req, find, aliases=None):
+        attrs = {}
+        for name, value in req.params.items():
+            if name in RESERVED:
+                continue
+            name = (aliases or {}).get(name, name)
+            if isinstance(value, tuple) or not re.match(r"^[A-Za-z][A-Za-z0-9_]*$", name):
+                return {"code": 100, "status": "object not found"}
+            attrs[name] = value
+        found = find(**attrs) if attrs else []
+        if not found:
+            return {"code": 100, "status": "object not found"}
+        return [obj.to_json() for obj in found]
+
+    def search_friend(self, req):
+        return self.search(req, self.contacts.search_friend)
+
+    def search_group(self, req):
+        def find(**attrs):
+            groups = self.contacts.search_group(**attrs)
+            for group in groups:
+                self.client.ensure_members(group)
+            return groups
+        return self.search(req, find, GROUP_ALIASES)
+
+    # -- sends -------------------------------------------------------------------
+
+    def selectors(self, req, names, **renames):
+        """The lookup attributes present in req: {attr: value}; None if one was repeated."""
+        attrs = {}
+        for name in names:
+            value = req.params.get(name)
+            if isinstance(value, tuple):
+                return None
+            if value is not None:
+                attrs[renames.get(name, name)] = value
+        return attrs
+
+    def first(self, find, attrs, *args):
+        """The original's lookup: the first object matching every attribute, or None."""
+        if not attrs:
+            return None
+        found = find(*args, **attrs)
+        return found[0] if found else None
+
+    def send_friend_message(self, req):
+        friend = self.first(self.contacts.search_friend,
+                            self.selectors(req, ("id", "uid", "name", "displayname")))
+        if friend is None:
+            return not_found(100, "friend")
+        return self.send(req, self.client.send_friend_message, friend)
+
+    def send_group_message(self, req):
+        group = self.first(self.contacts.search_group,
+                           self.selectors(req, ("id", "uid", "name", "displayname")))
+        if group is None:
+            return not_found(101, "group")
+        return self.send(req, self.client.send_group_message, group)
+
+    def send_discuss_message(self, req):
+        discuss = self.first(self.contacts.search_discuss, self.selectors(req, ("id",)))
+        if discuss is None:
+            return not_found(102, "discuss")
+        return self.send(req, self.client.send_discuss_message, discuss)
+
+    def send_sess_message(self, req):
+        params = req.params
+        if "group_id" in params or "group_uid" in params:
+            group = self.first(self.contacts.search_group,
+                               self.selectors(req, ("group_id", "group_uid"), group_id="id", group_uid="uid"))
+            member = group and self.client.ensure_members(group) and self.first(
+                self.contacts.search_group_member, self.selectors(req, ("id", "uid")), group)
+            if member is None:
+                return not_found(103, "group member")
+        elif "discuss_id" in params:
+            discuss = self.first(self.contacts.search_discuss,
+                                 self.selectors(req, ("discuss_id",), discuss_id="id"))
+            member = discuss and self.first(self.contacts.search_discuss_member,
+                                            self.selectors(req, ("id", "uid")), discuss)
+            if member is None:
+                return not_found(104, "discuss member")
+        else:
+            return {"code": 105, "id": None, "status": "discuss member or group member  not found"}
+        return self.send(req, self.client.send_sess_message, member)
+
+    def send(self, req, send, target):
+        """Enqueue content for target; answer at once (async) or with the final status."""
+        content = req.param("content")
+        if not content:
+            return {"code": 106, "id": None, "status": "content missing"}
+        if perl_true(req.param("async")):
+            send(target, content, source="api")
+            return {"code": 0, "status": "request already in execution"}
+        done = self.plugin.waiter()
+        try:
+            msg = send(target, content, source="api", callback=lambda m: done.set())
+            done.wait()
+        finally:
+            self.plugin.waiters.discard(done)
+        if not msg.wait(0):
+            raise self.not_running()
+        return {"code": msg.code, "id": msg.id, "info": msg.info, "status": msg.msg}
+
+    # -- group admin ---------------------------------------------------------------
+
+    def admin_targets(self, req):
+        """(group, members) of a shutup/kick request, or the original's error answer."""
+        group = self.first(self.contacts.search_group,
+                           self.selectors(req, ("group_id", "group_uid"), group_id="id", group_uid="uid"))
+        if group is None:
+            return {"code": 100, "status": "object not found"}, None
+        self.client.ensure_members(group)
+        kind = "id" if req.params.get("member_id") is not None else "uid"
+        value = req.params.get("member_" + kind) or ""
+        values = value if isinstance(value, tuple) else (value,)
+        ids = [part.strip() for v in values for part in v.split(",") if part.strip()]
+        if not ids:
+            return {"code": 200, "status": "member id empty"}, None
+        members = []
+        for one in ids:
+            member = self.first(self.contacts.search_group_member, {kind: one}, group)
+            if member is None:
+                return {"code": 100, "status": "member %s not found" % one}, None
+            members.append(member)
+        return group, members
+
+    def shutup_group_member(self, req):
+        minutes = req.param("time")
+        group, members = self.admin_targets(req)
+        if members is None:
+            return group
+        if not re.match(r"^\d+$", minutes or "") or int(minutes) < 1:
+            return {"code": 400, "status": "shutup time missing or error"}
+        ok = self.client.shutup_group_member(group, members, int(minutes) * 60)
+        return {"code": 0, "status": "success"} if ok else {"code": 201, "status": "failure"}
+
+    def kick_group_member(self, req):
+        group, members = self.admin_targets(req)
+        if members is None:
+            return group
+        ok = self.client.kick_group_member(group, members)
+        return {"code": 0, "status": "success"} if ok else {"code": 201, "status": "failure"}
+
+    # -- events and control -----------------------------------------------------------
+
+    def check_event(self, req):
+        hub, timeout = self.plugin.hub, self.plugin.opts["check_event_timeout"]
+        cursor = req.param("cursor")
+        if cursor is None:
+            items = hub.take(timeout, req.alive) or []
+            resp = Response(json_dumps(items).encode("utf-8"))
+            if items:
+                resp.undelivered = lambda: hub.give_back(items)
+            return resp
+        start = to_int(cursor)
+        if start is None or start < 0:
+            raise bad_request("cursor must be a number >= 0")
+        pairs = hub.read(start, timeout, req.alive)
+        items = [dict(item, cursor=seq) for seq, item in pairs]
+        following = pairs[-1][0] if pairs else min(start, hub.seq)
+        return Response(json_dumps(items).encode("utf-8"), headers=[("X-Cursor", str(following))])
+
+    def get_client_info(self, req):
+        info = dict(self.client.client_info(), code=0, status="success", state=self.client.state)
+        info.update(self.plugin.counters())
+        return info
+
+    def control(self, what, action):
+        info = self.client.client_info()
+        delay = self.plugin.opts["stop_delay"]
+        self.plugin.later("openqq-" + what, delay, action)
+        return info, "success, client(%s) will %s in %g seconds" % (info["pid"], what, delay)
+
+    def stop_client(self, req):
+        info, status = self.control("stop", self.client.stop)
+        return {"account": info["account"], "code": 0, "pid": info["pid"], "runtime": info["runtime"],
+                "starttime": info["starttime"], "status": status}
+
+    def relogin(self, req):
+        info, status = self.control("relogin", self.client.relogin)
+        return {"account": info["account"], "code": 0, "status": status}
+
+
+###############################################################################
+# 7. Server
+###############################################################################
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One connection: reads requests, hands them to the Api, writes the answers; keep-alive."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "webqq/" + __version__
+    sys_version = ""
+    disable_nagle_algorithm = True
+
+    def setup(self):
+        self.timeout = self.server.request_timeout
+        if self.server.tls is not None:
+            self.request.settimeout(self.timeout)
+            self.request = self.server.tls.wrap_socket(self.request, server_side=True)
+            self.server.track(self.request)
+        BaseHTTPRequestHandler.setup(self)
+
+    def finish(self):
+        try:
+            BaseHTTPRequestHandler.finish(self)
+        finally:
+            if self.server.tls is not None:
+                self.request.close()
+
+    def do_GET(self):
+        try:
+            resp = self.server.api.handle(self.read_request())
+        except ApiError as e:
+            self.close_connection = True     # the body may be unread: don't parse it as a request
+            resp = e.response()
+        self.send(resp)
+
+    do_POST = do_HEAD = do_OPTIONS = do_PUT = do_DELETE = do_PATCH = do_GET
+
+    def read_request(self):
+        target = self.path
+        if target.startswith(("http://", "https://")):
+            target = target.split("/", 3)[3] if target.count("/") >= 3 else ""
+            target = "/" + target
+        path, _, query = target.partition("?")
+        body = self.read_body()
+        params = parse_params(query.partition("#")[0].encode("latin-1"),
+                              self.headers.get("Content-Type"), body)
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        scheme = "https" if self.server.tls is not None else "http"
+        connection = self.connection
+        return Request(self.command, path, params, headers, scheme, lambda: peer_alive(connection))
+
+    def read_body(self):
+        limit = self.server.max_body_size
+        coding = self.headers.get("Transfer-Encoding", "").strip().lower()
+        if coding and coding != "identity":
+            if coding != "chunked":
+                raise bad_request("unsupported Transfer-Encoding", 501)
+            return self.read_chunked(limit)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return b""
+        size = to_int(length)
+        if size is None or size < 0:
+            raise bad_request("invalid Content-Length")
+        if size > limit:
+            raise bad_request("request body over %d bytes" % limit, 413)
+        body = self.rfile.read(size)
+        if len(body) < size:
+            raise bad_request("request body shorter than its Content-Length")
+        return body
+
+    def read_chunked(self, limit):
+        chunks, total = [], 0
+        while True:
+            line = self.rfile.readline(1026)
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise bad_request("invalid chunked body")
+            if size == 0:
+                break
+            total += size
+            if total > limit:
+                raise bad_request("request body over %d bytes" % limit, 413)
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline(3)
+        while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+            pass
+        return b"".join(chunks)
+
+    def send(self, resp):
+        """Write resp in one piece; if the caller is gone, let it take its items back."""
+        body = b"" if self.command == "HEAD" else resp.body
+        lines = ["HTTP/1.1 %d %s" % (resp.status, self.responses.get(resp.status, ("",))[0]),
+                 "Server: " + self.server_version,
+                 "Date: " + self.server.date(),
+                 "Content-Type: " + resp.content_type,
+                 "Content-Length: %d" % len(resp.body),
+                 "X-Content-Type-Options: nosniff"]
+        lines.extend("%s: %s" % pair for pair in resp.headers)
+        if self.close_connection:
+            lines.append("Connection: close")
+        elif getattr(self, "request_version", "") == "HTTP/1.0":
+            lines.append("Connection: keep-alive")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+        try:
+            self.wfile.write(head + body)
+        except OSError:
+            self.close_connection = True
+            if resp.undelivered is not None:
+                resp.undelivered()
+            return
+        self.log_request(resp.status, len(body))
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (bad request line, headers too long...) as JSON."""
+        self.close_connection = True
+        self.send(bad_request(message or self.responses.get(code, ("error",))[0], code).response())
+
+    def log_message(self, fmt, *args):
+        self.server.log.debug("openqq %s %s", self.address_string(), redact(fmt % args))
+
+
+class Server(ThreadingHTTPServer):
+    """One listen address: a named, tracked thread per connection, capped in number; optional TLS."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, entry, api, opts, log):
+        host = entry["host"]
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        self.api = api
+        self.log = log
+        self.tls = tls_context(entry) if entry.get("tls") else None
+        self.request_timeout = opts["request_timeout"]
+        self.max_body_size = opts["max_body_size"]
+        self.max_connections = opts["max_connections"]
+        self.active = {}
+        self.active_lock = threading.Lock()
+        self._date = (0, "")
+        ThreadingHTTPServer.__init__(self, (host, entry["port"]), Handler)
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.5},
+                                       name="openqq-http-%d" % self.port, daemon=True)
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+    @property
+    def url(self):
+        host = self.server_address[0]
+        host = "[%s]" % host if ":" in host else host
+        return "%s://%s:%d" % ("https" if self.tls else "http", host, self.port)
+
+    def date(self):
+        """The Date header, formatted once a second."""
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, formatdate(now, usegmt=True))
+        return self._date[1]
+
+    def server_bind(self):
+        # HTTPServer.server_bind also looks the host name up with getfqdn(): slow, and unused here.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request, client_address):
+        with self.active_lock:
+            full = len(self.active) >= self.max_connections
+        if full:
+            self.refuse(request)
+            return
+        t = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                             name="openqq-conn-%d" % self.port, daemon=True)
+        with self.active_lock:
+            self.active[t] = request
+        t.start()
+
+    def process_request_thread(self, request, client_address):
+        try:
+            ThreadingHTTPServer.process_request_thread(self, request, client_address)
+        finally:
+            with self.active_lock:
+                self.active.pop(threading.current_thread(), None)
+
+    def track(self, sock):
+        """Remember the socket a connection thread really uses (the TLS one) for close()."""
+        with self.active_lock:
+            self.active[threading.current_thread()] = sock
+
+    def refuse(self, request):
+        if self.tls is None:
+            body = json_dumps({"code": BAD_REQUEST, "status": "too many connections"}).encode()
+            try:
+                request.settimeout(0)
+                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                             b"Connection: close\r\nRetry-After: 1\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+            except OSError:
+                pass
+        self.shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, (OSError, ssl.SSLError, ValueError)):
+            self.log.debug("openqq connection from %s ended: %s", client_address[0], error)
+        else:
+            self.log.exception("openqq connection from %s failed", client_address[0])
+
+    def close(self):
+        """Stop accepting, cut every open connection, and wait for the connection threads."""
+        self.shutdown()
+        self.server_close()
+        with self.active_lock:
+            active = list(self.active.items())
+        for _, sock in active:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t, _ in active:
+            if t is not threading.current_thread():
+                t.join(5)
+
+
+def tls_context(entry):
+    """The server-side SSLContext of a TLS listen entry; a CA file makes client certificates required."""
+    if not entry.get("tls_cert") or not entry.get("tls_key"):
+        raise ValueError("openqq: TLS on %s:%s needs tls_cert and tls_key" % (entry["host"], entry["port"]))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(entry["tls_cert"], entry["tls_key"])
+    if entry.get("tls_ca"):
+        ctx.load_verify_locations(entry["tls_ca"])
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    if entry.get("tls_ciphers"):
+        ctx.set_ciphers(entry["tls_ciphers"])
+    return ctx
+
+
+def listen_entries(opts):
+    """The listen option as a list of {host, port, tls, tls_*} entries."""
+    value = opts["listen"]
+    if value is None:
+        value = [{"host": "127.0.0.1", "port": 5000}]
+    elif isinstance(value, dict):
+        value = [value]
+    elif isinstance(value, (str, int)):
+        value = [_listen_text(str(item)) for item in to_list(str(value))]
+    entries = []
+    for item in value:
+        entry = dict(_listen_text(item) if isinstance(item, str) else item)
+        for key in ("tls_cert", "tls_key", "tls_ca", "tls_ciphers"):
+            entry.setdefault(key, opts[key])
+        entry["tls"] = to_bool(entry.get("tls", entry.get("tls_cert") is not None))
+        entry["host"] = str(entry.get("host", "127.0.0.1")).strip("[]")
+        port = to_int(entry.get("port", 443 if entry["tls"] else 5000))
+        if port is None or not 0 <= port <= 65535:
+            raise ValueError("openqq: invalid listen port %r" % entry.get("port"))
+        entry["port"] = port
+        entries.append(entry)
+    return entries
+
+
+def _listen_text(text):
+    """{host, port} from "host:port", "[v6]:port" or "port"."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return {"host": "127.0.0.1", "port": text}
+    return {"host": host or "127.0.0.1", "port": port}
+
+
+###############################################################################
+# 8. Poller
+###############################################################################
+
+
+class Poller(object):
+    """poll_api: GET it forever, poll_interval apart; a redirect into our own API is called in-process."""
+
+    def __init__(self, plugin, url):
+        self.plugin = plugin
+        self.url = url
+        self.http = outgoing(plugin.log)
+        self.thread = threading.Thread(target=self.run, name="openqq-poll", daemon=True)
+
+    def run(self):
+        stopped = self.plugin.stopped
+        while not stopped.is_set():
+            if self.plugin.client.state == "running":
+                try:
+                    self.poll()
+                except Exception:
+                    self.plugin.log.exception("poll_api failed")
+            stopped.wait(self.plugin.opts["poll_interval"])
+
+    def poll(self):
+        log = self.plugin.log
+        try:
+            res = self.http.request("GET", self.url, timeout=self.plugin.opts["poll_timeout"], follow=False)
+        except TransportError as e:
+            log.warning("poll_api %s failed: %s", redact(self.url), e)
+            return
+        status = res.status
+        if status in (301, 302, 303, 307, 308) and res.headers.get("location"):
+            target = urljoin(self.url, res.headers["location"])
+            if not self.plugin.owns(target):
+                log.warning("poll_api redirect to %s not followed: not this server's API", redact(target))
+                return
+            resp = self.plugin.call_url(target)
+            log.debug("poll_api called %s: %d %s", redact(target), resp.status, resp.body[:200])
+        elif not 200 <= status < 300:
+            log.warning("poll_api %s answered HTTP %d", redact(self.url), status)
+
+
+###############################################################################
+# 9. Plugin
+###############################################################################
+
+
+class Openqq(object):
+    """The plugin: owns the servers, the check_event hub, the reporter, the poller; stop() ends them."""
+
+    def __init__(self, client, options):
+        self.client = client
+        self.log = client.log.getChild("openqq")
+        self.opts = self.read_options(options)
+        self.entries = listen_entries(self.opts)
+        check_protected(self.entries, self.opts["access_token"], self.opts["auth"],
+                        self.opts["allow_insecure"])
+        self.guard = Guard(self.opts["access_token"], self.opts["auth"], self.opts["allow_origin"], self.log)
+        self.hub = EventHub(self.opts["check_event_list_max_size"], self.opts["check_event_history_size"])
+        self.events = frozenset(self.opts["post_event_list"]) if self.opts["post_event"] else frozenset()
+        self.reporter = Reporter(client, self.log, self.opts["post_api"], self.opts) \
+            if self.opts["post_api"] else None
+        self.poller = Poller(self, self.opts["poll_api"]) if self.opts["poll_api"] else None
+        self.api = Api(self)
+        self.servers = []
+        self.threads = set()
+        self.waiters = set()
+        self.stopped = threading.Event()
+        self.stop_lock = threading.Lock()
+        self.stdout_lock = threading.Lock()
+
+    def read_options(self, options):
+        if isinstance(options.get("data"), dict):       # the Perl form: load("Openqq", data => {...})
+            options = dict(options.pop("data"), **options)
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            self.log.warning("openqq: unknown option(s) ignored: %s", ", ".join(unknown))
+        opts = dict(OPTIONS, **{k: v for k, v in options.items() if k in OPTIONS})
+        for name in ("allow_insecure", "post_event", "post_stdout"):
+            opts[name] = to_bool(opts[name])
+        for name in ("request_timeout", "post_timeout", "post_retry_backoff", "check_event_timeout",
+                     "poll_interval", "poll_timeout", "stop_delay"):
+            try:
+                opts[name] = float(opts[name])
+            except (TypeError, ValueError):
+                raise ValueError("openqq: option %s must be a number of seconds" % name)
+        for name in ("max_body_size", "max_connections", "post_retries", "post_queue_size",
+                     "post_workers", "check_event_list_max_size", "check_event_history_size"):
+            value = to_int(opts[name])
+            if value is None or value < 0:
+                raise ValueError("openqq: option %s must be a whole number" % name)
+            opts[name] = value
+        opts["check_event_list_max_size"] = opts["check_event_list_max_size"] or 20   # as the original
+        opts["poll_interval"] = opts["poll_interval"] or 5
+        opts["post_workers"] = max(1, opts["post_workers"])
+        opts["post_queue_size"] = max(1, opts["post_queue_size"])
+        opts["post_event_list"] = to_list(opts["post_event_list"])
+        opts["allow_origin"] = to_list(opts["allow_origin"])
+        for name in ("access_token", "post_secret", "post_api", "poll_api"):
+            opts[name] = str(opts[name]) if opts[name] not in (None, "") else None
+        if opts["auth"] is not None and not callable(opts["auth"]):
+            raise ValueError("openqq: option auth must be a function(params, request)")
+        return opts
+
+    def start(self):
+        try:
+            for entry in self.entries:
+                self.servers.append(Server(entry, self.api, self.opts, self.log))
+        except Exception:
+            for server in self.servers:
+                server.server_close()
+            raise
+        for server in self.servers:
+            server.thread.start()
+        if self.reporter is not None:
+            self.reporter.start()
+        if self.poller is not None:
+            self.poller.thread.start()
+        self.client.on("all_event", self.on_event)
+        self.log.info("openqq listening on %s", ", ".join(s.url for s in self.servers))
+        return self
+
+    @property
+    def urls(self):
+        return [server.url for server in self.servers]
+
+    # -- reports -------------------------------------------------------------------
+
+    def on_event(self, name, *args):
+        """Every client event: messages always reported and queued, other events as listed."""
+        if name in ("receive_message", "send_message"):
+            msg = args[0]
+            if msg.type not in MESSAGE_TYPES:
+                return
+            payload = dict(msg.to_json(), post_type=name)
+            self.hub.put(payload)
+            self.report(payload, msg)
+        elif name in self.events:
+            if name == "input_qrcode":
+                params = [args[0], base64.encodebytes(args[1]).decode("ascii")] + list(args[2:3])
+            else:
+                params = jsonable(list(args))
+            payload = {"post_type": "event", "event": name, "params": params}
+            if name.startswith(("new_", "lose_")) or name.endswith("_property_change"):
+                self.hub.put(payload)
+            self.report(payload)
+
+    def report(self, payload, msg=None):
+        if self.opts["post_stdout"]:
+            with self.stdout_lock:
+                try:
+                    sys.stdout.write(json_dumps(payload) + "\n")
+                    sys.stdout.flush()
+                except (OSError, ValueError):
+                    pass
+        if self.reporter is not None:
+            self.reporter.submit(payload, msg)
+
+    def counters(self):
+        """The figures get_client_info adds: post_api_* and check_event_dropped."""
+        figures = {"check_event_dropped": self.hub.dropped}
+        if self.reporter is not None:
+            counts = self.reporter.counters()
+            figures.update(("post_api_" + k, v) for k, v in counts.items())
+        return figures
+
+    # -- helpers for the routes and the poller --------------------------------------------
+
+    def waiter(self):
+        """An Event a sync send waits on; stop() sets them all."""
+        done = threading.Event()
+        self.waiters.add(done)
+        if self.stopped.is_set():
+            done.set()
+        return done
+
+    def later(self, name, delay, action):
+        """Run action on its own thread after delay seconds, unless the plugin stops first."""
+        def run():
+            if not self.stopped.wait(delay):
+                action()
+        t = threading.Thread(target=run, name=name, daemon=True)
+        self.threads.add(t)
+        t.start()
+
+    def owns(self, url):
+        """True when url points into this server's /openqq/ API."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            return False
+        if parts.scheme not in ("http", "https") or not parts.path.startswith("/openqq/"):
+            return False
+        host = (parts.hostname or "").lower()
+        for server, entry in zip(self.servers, self.entries):
+            if server.port == port and (parts.scheme == "https") == (server.tls is not None):
+                if is_loopback(host) or host == entry["host"].lower():
+                    return True
+        return False
+
+    def call_url(self, url):
+        """GET one of our own API URLs in-process, as a trusted caller."""
+        parts = urlsplit(url)
+        params = parse_params(parts.query.encode("utf-8"), None, b"")
+        return self.api.handle(Request("GET", parts.path, params, trusted=True))
+
+    def stop(self):
+        """End every thread of the plugin; returns when they have ended."""
+        with self.stop_lock:
+            if self.stopped.is_set():
+                return
+            self.stopped.set()
+        self.client.off("all_event", self.on_event)
+        self.hub.close()
+        for done in list(self.waiters):
+            done.set()
+        for server in self.servers:
+            server.close()
+            if server.thread.is_alive() and server.thread is not threading.current_thread():
+                server.thread.join()
+        if self.poller is not None and self.poller.thread is not threading.current_thread():
+            self.poller.thread.join()
+        if self.reporter is not None:
+            self.reporter.stop(self.opts["post_timeout"])
+        for t in list(self.threads):
+            if t is not threading.current_thread():
+                t.join()
+        self.log.debug("openqq stopped")
+
+
+def call(client, **options):
+    """The plugin entry point: start the Openqq API for client; returns the plugin (it has stop())."""
+    return Openqq(client, options).start()

@@ -1,0 +1,2720 @@
+#!/usr/bin/env python3
+# -*- coding: utf-8 -*-
+"""webqq: a drop-in Python QQ client that serves the Openqq HTTP API of Mojo-Webqq.
+
+One module, read top to bottom:
+
+ 1. Constants       protocol constants, client states, event names
+ 2. Helpers         hash33 / bkn / time33 / friend-list hash, atomic files, faces
+ 3. Transport       Http: requests (or urllib), cookies as JSON, upstream override
+ 4. Model           User, Friend, Group, GroupMember, Discuss, DiscussMember, Contacts
+ 5. Messages        Message and its Openqq JSON, content flattening and encoding
+ 6. Events          EventEmitter
+ 7. Upstreams       the Upstream interface and SmartQQ, the w.qq.com web protocol
+ 8. Client          Client(**options): states, files, send queue, relogin, plugins
+ 9. QR display      PNG decoding with zlib/struct, terminal drawing, OS viewer
+10. Config and CLI  main(argv): flags, INI file, demo mode
+
+A user script:
+
+    from webqq import Client
+    client = Client(account="default", tmpdir="/var/lib/webqq")
+    client.load("showmsg")
+    client.load("openqq", listen=[{"host": "127.0.0.1", "port": 5000}])
+    client.run()
+"""
+
+from __future__ import print_function
+
+import base64
+import argparse
+import collections
+import configparser
+import html
+import http.client
+import http.cookiejar
+import importlib
+import json
+import logging
+import os
+import queue
+import random
+import re
+import socket
+import struct
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import weakref
+import zlib
+
+try:
+    import requests
+except ImportError:  # a locked-down machine: the core still runs on urllib
+    requests = None
+
+__version__ = "1.0.0"
+__all__ = ["Client", "Contacts", "Message", "EventEmitter", "Upstream", "SmartQQ", "main"]
+
+###############################################################################
+# 1. Constants
+###############################################################################
+
+CLIENTID = 53999199
+APPID = 501004106
+DAID = 164
+JS_VER = 10233
+USER_AGENT = ("Mozilla/5.0 (Windows NT 6.1) AppleWebKit/537.36 "
+              "(KHTML, like Gecko) Chrome/37.0.2062")
+
+S_REF = "https://s.web2.qq.com/proxy.html?v=20130916001&callback=1&id=1"
+D_REF = "http://d1.web2.qq.com/proxy.html?v=20151105001&callback=1&id=2"
+XLOGIN = ("https://xui.ptlogin2.qq.com/cgi-bin/xlogin?daid=164&target=self&style=40"
+          "&pt_disable_pwd=1&mibao_css=m_webqq&appid=501004106&enable_qlogin=0"
+          "&no_verifyimg=1&s_url=http%3A%2F%2Fw.qq.com%2Fproxy.html&f_url=loginerroralert"
+          "&strong_login=1&login_state=10&t=20131024001")
+QUN_REF = "http://qun.qq.com/member.html"
+QINFO_REF = "http://qinfo.clt.qq.com/member.html"
+QINFO3_REF = "http://qinfo.clt.qq.com/qinfo_v3/member.html"
+
+# Client states, in the order a login walks through them (the original spells "scaning").
+STATES = ("init", "loading", "scaning", "confirming", "updating", "running", "stop")
+
+# Events a client emits; each handler gets the arguments listed.
+EVENTS = {
+    "state_change": "old, new",
+    "input_qrcode": "qrcode_path, png_bytes",
+    "qrcode_expire": "",
+    "login": "is_scan",
+    "relogin": "",
+    "ready": "",
+    "stop": "",
+    "receive_message": "msg",
+    "send_message": "msg",
+    "friend_state_change": "friend",
+    "new_friend": "friend", "lose_friend": "friend",
+    "new_group": "group", "lose_group": "group",
+    "new_discuss": "discuss", "lose_discuss": "discuss",
+    "new_group_member": "member, group", "lose_group_member": "member, group",
+    "new_discuss_member": "member, discuss", "lose_discuss_member": "member, discuss",
+    "user_property_change": "user, property, old, new",
+    "friend_property_change": "friend, property, old, new",
+    "group_property_change": "group, property, old, new",
+    "group_member_property_change": "member, property, old, new",
+    "discuss_property_change": "discuss, property, old, new",
+    "discuss_member_property_change": "member, property, old, new",
+    "model_update": "kind, ok",
+}
+
+# Numeric presence and client codes of the protocol (Mojo code2state / code2client).
+STATE_CODES = {10: "online", 20: "offline", 30: "away", 40: "hidden",
+               50: "busy", 60: "callme", 70: "silent"}
+CLIENT_TYPES = {1: "pc", 21: "mobile", 24: "iphone", 41: "web"}
+
+# Send status texts (Mojo Message/Base.pm): code -> msg; the info text varies.
+SEND_OK, SEND_FAILED = "发送成功", "发送失败"
+
+# poll2 retcodes (spec section 5.3).
+POLL_IGNORED = frozenset((102, 109, 110, 1202, 100012, 100003, 100100))
+POLL_RELOGIN = frozenset((100, 103, 100000, 100001))
+POLL_RELINK = frozenset((120, 121))
+SEND_IGNORED = frozenset((1202, 100100))
+
+###############################################################################
+# 2. Helpers
+###############################################################################
+
+
+def hash33(s, seed=0):
+    """ptqrtoken from qrsig (seed 0) and bkn from skey (seed 5381): 31-bit hash."""
+    e = seed
+    for ch in s:
+        e += (e << 5) + ord(ch)
+    return e & 0x7FFFFFFF
+
+
+def bkn(skey):
+    """The CSRF token qun.qq.com and qinfo.clt.qq.com expect, derived from the skey cookie."""
+    return hash33(skey or "", 5381)
+
+
+def time33(s):
+    """pt4_auth's auth_token and logout's pt4_hkey: a 32-bit unsigned hash."""
+    e = 0
+    for ch in s:
+        e = (33 * e + ord(ch)) % 4294967296
+    return e
+
+
+def friend_hash(uin, ptwebqq):
+    """The `hash` field of get_user_friends2 and get_group_name_list_mask2."""
+    uin = int(uin)
+    n = [0, 0, 0, 0]
+    for i, ch in enumerate(ptwebqq or ""):
+        n[i % 4] ^= ord(ch)
+    v = [((uin >> 24) & 0xFF) ^ ord("E"), ((uin >> 16) & 0xFF) ^ ord("C"),
+         ((uin >> 8) & 0xFF) ^ ord("O"), (uin & 0xFF) ^ ord("K")]
+    out = [n[0], v[0], n[1], v[1], n[2], v[2], n[3], v[3]]
+    return "".join("%02X" % (b & 0xFF) for b in out)
+
+
+def quoted_args(text):
+    """The single-quoted arguments of a ptuiCB(...) / ptui_auth_CB(...) answer."""
+    return re.findall(r"'(.*?)'", text or "")
+
+
+def atomic_write(path, data, mode=0o600):
+    """Write bytes or text to path through a temporary file and rename, created with mode."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        try:
+            os.fchmod(fd, mode)
+        except (AttributeError, OSError):  # Windows has no fchmod
+            pass
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def remove_file(path):
+    """Delete path if it exists; True when something was removed."""
+    try:
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+
+
+def json_dumps(obj):
+    """Compact UTF-8 JSON text with sorted keys, non-ASCII kept, as the original writes it."""
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def to_int(value, default=None):
+    """int(value) for numbers and numeric strings, else default."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        return default
+
+
+def cut_utf8(text, limit):
+    """text cut to at most limit UTF-8 bytes on a character boundary."""
+    if text is None or limit is None or limit <= 0:
+        return text
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode("utf-8", "ignore")
+
+
+FACES = {
+    0: "惊讶", 1: "撇嘴", 2: "色", 3: "发呆", 4: "得意", 5: "流泪", 6: "害羞", 7: "闭嘴", 8: "睡",
+    9: "大哭", 10: "尴尬", 11: "发怒", 12: "调皮", 13: "呲牙", 14: "微笑", 21: "飞吻", 23: "跳跳",
+    25: "发抖", 26: "怄火", 27: "爱情", 29: "足球", 32: "西瓜", 33: "玫瑰", 34: "凋谢", 36: "爱心",
+    37: "心碎", 38: "蛋糕", 39: "礼物", 42: "太阳", 45: "月亮", 46: "强", 47: "弱", 50: "难过",
+    51: "酷", 53: "抓狂", 54: "吐", 55: "惊恐", 56: "流汗", 57: "憨笑", 58: "大兵", 59: "猪头",
+    62: "拥抱", 63: "咖啡", 64: "饭", 71: "握手", 72: "便便", 73: "偷笑", 74: "可爱", 75: "白眼",
+    76: "傲慢", 77: "饥饿", 78: "困", 79: "奋斗", 80: "咒骂", 81: "疑问", 82: "嘘", 83: "晕",
+    84: "折磨", 85: "衰", 86: "骷髅", 87: "敲打", 88: "再见", 91: "闪电", 92: "炸弹", 93: "刀",
+    95: "胜利", 96: "冷汗", 97: "擦汗", 98: "抠鼻", 99: "鼓掌", 100: "糗大了", 101: "坏笑",
+    102: "左哼哼", 103: "右哼哼", 104: "哈欠", 105: "鄙视", 106: "委屈", 107: "快哭了", 108: "阴险",
+    109: "亲亲", 110: "吓", 111: "可怜", 112: "菜刀", 113: "啤酒", 114: "篮球", 115: "乒乓",
+    116: "示爱", 117: "瓢虫", 118: "抱拳", 119: "勾引", 120: "拳头", 121: "差劲", 122: "爱你",
+    123: "NO", 124: "OK", 125: "转圈", 126: "磕头", 127: "回头", 128: "跳绳", 129: "挥手",
+    130: "激动", 131: "街舞", 132: "献吻", 133: "左太极", 134: "右太极", 135: "招财猫",
+    136: "双喜", 137: "鞭炮", 138: "灯笼", 139: "发财", 140: "K歌", 141: "购物", 142: "邮件",
+    143: "帅", 144: "喝彩", 145: "祈祷", 146: "劲爆", 147: "棒棒糖", 148: "喝奶", 149: "面条",
+    150: "香蕉", 151: "飞机", 152: "开车", 153: "高铁左车头", 154: "车厢", 155: "高铁右车头",
+    156: "多云", 157: "下雨", 158: "钞票", 159: "熊猫", 160: "灯泡", 161: "风车", 162: "闹钟",
+    168: "药", 169: "手枪", 170: "青蛙", 171: "粥", 172: "眨眼睛", 173: "泪奔", 174: "无奈",
+    175: "卖萌", 176: "小纠结", 177: "喷血", 178: "斜眼笑", 179: "doge", 180: "惊喜", 181: "骚扰",
+    182: "笑哭", 183: "我最美", 184: "河蟹", 185: "羊驼", 187: "幽灵", 188: "蛋", 189: "马赛克",
+    190: "菊花", 191: "肥皂", 192: "红包", 193: "大笑", 194: "不开心", 195: "啊", 196: "恐慌",
+    197: "冷漠", 198: "呃", 199: "好棒", 200: "拜托", 201: "点赞", 202: "无聊", 203: "托脸",
+    204: "吃", 205: "送花", 206: "害怕", 207: "花痴", 208: "小样儿", 209: "脸红", 210: "飙泪",
+    211: "我不看", 212: "托腮",
+}
+FACE_IDS = {name: face_id for face_id, name in FACES.items()}
+
+###############################################################################
+# 3. Transport
+###############################################################################
+
+# Query parameters whose values are credentials: never written to a log.
+SECRET_PARAMS = frozenset((
+    "ptwebqq", "vfwebqq", "psessionid", "ptqrtoken", "auth_token", "pt4_token", "pt4_hkey",
+    "pt4_ptcz", "bkn", "access_token", "login_sig", "ptsigx", "skey", "group_sig", "token", "r",
+))
+
+
+class TransportError(Exception):
+    """An upstream request that got no HTTP answer (refused, reset, timed out)."""
+
+
+class Response(object):
+    """An HTTP answer: status, headers (a dict with lower-case names), body bytes, final URL."""
+
+    __slots__ = ("status", "headers", "body", "url")
+
+    def __init__(self, status, headers, body, url):
+        self.status, self.headers, self.body, self.url = status, headers, body, url
+
+    @property
+    def text(self):
+        return self.body.decode("utf-8", "replace")
+
+    def json(self):
+        """The body as JSON; ValueError when it isn't."""
+        return json.loads(self.body.decode("utf-8"))
+
+
+def redact_url(url):
+    """url with the values of credential parameters replaced by ***, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.query:
+        return url
+    query = "&".join(
+        (k + "=***") if k in SECRET_PARAMS else (k + ("=" + v if v or "=" in pair else ""))
+        for pair in parts.query.split("&")
+        for k, _, v in [pair.partition("=")])
+    return urllib.parse.urlunsplit(parts._replace(query=query))
+
+
+class _SocketTracker(object):
+    """The sockets an Http opened, so that abort() can break a request blocked on one."""
+
+    def __init__(self):
+        self._sockets = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def add(self, sock):
+        with self._lock:
+            self._sockets.add(sock)
+
+    def abort(self):
+        with self._lock:
+            sockets = list(self._sockets)
+            self._sockets.clear()
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, ValueError):
+                pass
+
+
+def _requests_session(tracker, jar):
+    """A requests.Session whose connections report their sockets to tracker."""
+    import requests.adapters
+    from urllib3 import connection, connectionpool
+
+    def tracked(base):
+        class Tracked(base):
+            def _new_conn(self):
+                sock = super(Tracked, self)._new_conn()
+                tracker.add(sock)
+                return sock
+        return Tracked
+
+    class HTTPPool(connectionpool.HTTPConnectionPool):
+        ConnectionCls = tracked(connection.HTTPConnection)
+
+    class HTTPSPool(connectionpool.HTTPSConnectionPool):
+        ConnectionCls = tracked(connection.HTTPSConnection)
+
+    class Adapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super(Adapter, self).init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
+
+    session = requests.Session()
+    session.cookies = jar
+    session.trust_env = True
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, Adapter())
+    return session
+
+
+def _urllib_opener(tracker, jar):
+    """A urllib opener that keeps cookies in jar, never follows redirects and tracks sockets."""
+
+    def tracked(base):
+        class Tracked(base):
+            def connect(self):
+                base.connect(self)
+                tracker.add(self.sock)
+        return Tracked
+
+    http_conn, https_conn = tracked(http.client.HTTPConnection), tracked(http.client.HTTPSConnection)
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(http_conn, req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(https_conn, req, context=self._context)
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    return urllib.request.build_opener(
+        HTTPHandler(), HTTPSHandler(), NoRedirect(), urllib.request.HTTPCookieProcessor(jar))
+
+
+class Http(object):
+    """Upstream HTTP: a cookie jar persisted as JSON, per-call timeout and Referer, the address override.
+
+    With `base` set, every URL on a qq.com host (http or https, including redirect targets)
+    is sent to base instead, with its path and query unchanged.
+    """
+
+    REDIRECTS = 7
+
+    def __init__(self, base=None, timeout=30.0, jar=None, log=None, user_agent=USER_AGENT):
+        self.base = base.rstrip("/") if base else None
+        self.timeout = timeout
+        self.jar = jar if jar is not None else http.cookiejar.CookieJar()
+        self.log = log or logging.getLogger("webqq")
+        self.user_agent = user_agent
+        self._tracker = _SocketTracker()
+        if requests is not None:
+            self._session, self._opener = _requests_session(self._tracker, self.jar), None
+        else:
+            self._session, self._opener = None, _urllib_opener(self._tracker, self.jar)
+
+    def route(self, url):
+        """The URL actually requested for url: rewritten to base for qq.com hosts."""
+        if not self.base:
+            return url
+        parts = urllib.parse.urlsplit(url)
+        host = (parts.hostname or "").lower()
+        if host == "qq.com" or host.endswith(".qq.com"):
+            return self.base + (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        return url
+
+    def get(self, url, params=None, **kwargs):
+        """GET url (params appended to its query)."""
+        if params:
+            url += ("&" if "?" in url else "?") + urllib.parse.urlencode(params)
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url, data=None, **kwargs):
+        """POST a form (dict) or raw bytes to url."""
+        return self.request("POST", url, data=data, **kwargs)
+
+    def request(self, method, url, data=None, referer=None, headers=None, timeout=None,
+                follow=True):
+        """One request, following redirects itself so that each hop is routed; a Response."""
+        hdrs = {"User-Agent": self.user_agent}
+        if referer:
+            hdrs["Referer"] = referer
+        if headers:
+            hdrs.update(headers)
+        if isinstance(data, dict):
+            data = urllib.parse.urlencode(data).encode("utf-8")
+            hdrs.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        timeout = timeout or self.timeout
+        for _ in range(self.REDIRECTS + 1):
+            real = self.route(url)
+            started = time.time()
+            res = self._send(method, real, data, hdrs, timeout)
+            self.log.debug("%s %s -> %s (%.0f ms)", method, redact_url(url), res.status,
+                           (time.time() - started) * 1000)
+            location = res.headers.get("location")
+            if not (follow and res.status in (301, 302, 303, 307, 308) and location):
+                res.url = url
+                return res
+            url = urllib.parse.urljoin(url, location)
+            if res.status in (301, 302, 303):
+                method, data = "GET", None
+                hdrs.pop("Content-Type", None)
+        raise TransportError("too many redirects: " + redact_url(url))
+
+    def _send(self, method, url, data, headers, timeout):
+        try:
+            if self._session is not None:
+                r = self._session.request(method, url, data=data, headers=headers,
+                                          timeout=(min(10.0, timeout), timeout),
+                                          allow_redirects=False)
+                return Response(r.status_code, {k.lower(): v for k, v in r.headers.items()},
+                                r.content, url)
+            req = urllib.request.Request(url, data=data, headers=headers, method=method)
+            try:
+                f = self._opener.open(req, timeout=timeout)
+            except urllib.error.HTTPError as e:
+                f = e
+            with f:
+                return Response(f.getcode() if hasattr(f, "getcode") else f.code,
+                                {k.lower(): v for k, v in f.headers.items()}, f.read(), url)
+        except TransportError:
+            raise
+        except Exception as e:  # requests / urllib / socket errors all mean "no answer"
+            raise TransportError("%s %s: %s" % (method, redact_url(url), e.__class__.__name__))
+
+    def abort(self):
+        """Break every request in progress (they raise TransportError); the Http stays usable."""
+        self._tracker.abort()
+
+    def close(self):
+        """abort() and release pooled connections."""
+        self.abort()
+        if self._session is not None:
+            self._session.close()
+
+    # -- cookies --------------------------------------------------------------
+
+    def cookie(self, name):
+        """The value of the first cookie called name, or None."""
+        for c in self.jar:
+            if c.name == name:
+                return c.value
+        return None
+
+    def set_cookie(self, name, value, domain="qq.com", path="/"):
+        """Store a cookie as if the server had set it (host-only on the override's host)."""
+        if self.base:
+            domain, specified = urllib.parse.urlsplit(self.base).hostname, False
+        else:
+            specified = True
+        for c in list(self.jar):
+            if c.name == name and c.domain.lstrip(".") == domain.lstrip("."):
+                self.jar.clear(c.domain, c.path, c.name)
+        self.jar.set_cookie(http.cookiejar.Cookie(
+            0, name, value, None, False, domain, specified, specified and domain.startswith("."),
+            path, True, False, None, False, None, None, {}))
+
+    def save_cookies(self, path):
+        """Write the jar to path as JSON (mode 0600)."""
+        cookies = [{"name": c.name, "value": c.value, "domain": c.domain, "path": c.path,
+                    "secure": c.secure, "expires": c.expires,
+                    "domain_specified": c.domain_specified} for c in self.jar]
+        atomic_write(path, json.dumps(cookies, indent=1))
+
+    def load_cookies(self, path):
+        """Read a jar written by save_cookies; False when there is none or it is unreadable."""
+        try:
+            with open(path, "rb") as f:
+                cookies = json.loads(f.read().decode("utf-8"))
+            for c in cookies:
+                domain = c["domain"]
+                self.jar.set_cookie(http.cookiejar.Cookie(
+                    0, c["name"], c["value"], None, False, domain, c.get("domain_specified", True),
+                    domain.startswith("."), c.get("path", "/"), True, c.get("secure", False),
+                    c.get("expires"), False, None, None, {}))
+            return True
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def clear_cookies(self):
+        self.jar.clear()
+
+###############################################################################
+# 4. Model
+###############################################################################
+
+
+class Model(object):
+    """Base of the contact classes: every slot defaults to None; FIELDS are what to_json shows."""
+
+    __slots__ = ()
+    FIELDS = ()
+    STICKY = ("uid", "role", "owner_uid", "join_time", "last_speak_time")  # a refresh without them keeps them
+
+    def __init__(self, **fields):
+        for name in self.__slots__:
+            setattr(self, name, fields.pop(name, None))
+        if fields:
+            raise TypeError("%s has no field %s" % (type(self).__name__, ", ".join(sorted(fields))))
+
+    def to_json(self):
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def update(self, other):
+        """Copy other's FIELDS into self; the list of (field, old, new) that changed."""
+        changes = []
+        for name in self.FIELDS:
+            old, new = getattr(self, name), getattr(other, name)
+            if old == new or (new is None and name in self.STICKY):
+                continue
+            setattr(self, name, new)
+            changes.append((name, old, new))
+        return changes
+
+    def __repr__(self):
+        return "<%s %s %r>" % (type(self).__name__, self.id, self.name)
+
+
+class User(Model):
+    """The logged-in account."""
+
+    FIELDS = ("account", "allow", "birthday", "blood", "city", "client_type", "college", "constel",
+              "country", "email", "face", "homepage", "id", "mobile", "name", "occupation",
+              "personal", "phone", "province", "sex", "shengxiao", "signature", "state", "uid",
+              "vip_info")
+    __slots__ = FIELDS
+
+    @property
+    def displayname(self):
+        return self.name
+
+
+class Friend(Model):
+    """A friend; `placeholder` marks a stranger made up for an unknown sender."""
+
+    FIELDS = ("category", "client_type", "face", "flag", "id", "is_vip", "markname", "name",
+              "state", "uid", "vip_level")
+    __slots__ = FIELDS + ("placeholder",)
+
+    @property
+    def displayname(self):
+        return self.markname if self.markname is not None else self.name
+
+
+class Group(Model):
+    """A group, with its members once they are loaded."""
+
+    FIELDS = ("code", "createtime", "id", "level", "markname", "max_admin", "max_member", "memo",
+              "name", "owner_id", "owner_uid", "role", "uid")
+    __slots__ = FIELDS + ("members", "members_loaded", "contacts")
+
+    def __init__(self, **fields):
+        Model.__init__(self, **fields)
+        self.members = self.members or []
+        self.members_loaded = bool(self.members_loaded)
+
+    @property
+    def displayname(self):
+        return self.markname if self.markname is not None else self.name
+
+    def to_json(self, members=True):
+        data = Model.to_json(self)
+        if members:
+            data["member"] = [m.to_json() for m in self.members]
+        return data
+
+
+class GroupMember(Model):
+    """A member of a group; `group` points back to it."""
+
+    FIELDS = ("card", "city", "client_type", "country", "id", "join_time", "last_speak_time",
+              "name", "province", "role", "sex", "state", "uid")
+    __slots__ = FIELDS + ("group", "placeholder")
+
+    @property
+    def displayname(self):
+        group = self.group
+        contacts = group.contacts if group is not None else None
+        if contacts is not None and contacts.use_friend_markname:
+            friend = contacts.friend(self.id)
+            if friend is not None and friend.markname is not None:
+                return friend.markname
+        return self.card if self.card is not None else self.name
+
+
+class Discuss(Model):
+    """A discussion group with its members."""
+
+    FIELDS = ("id", "name", "owner_id")
+    __slots__ = FIELDS + ("members", "contacts")
+
+    def __init__(self, **fields):
+        Model.__init__(self, **fields)
+        self.members = self.members or []
+
+    @property
+    def displayname(self):
+        return self.name
+
+    def to_json(self, members=True):
+        data = Model.to_json(self)
+        if members:
+            data["member"] = [m.to_json() for m in self.members]
+        return data
+
+
+class DiscussMember(Model):
+    """A member of a discussion group; its id is a string, as in the original."""
+
+    FIELDS = ("client_type", "id", "name", "state", "uid")
+    __slots__ = FIELDS + ("discuss", "placeholder")
+
+    @property
+    def displayname(self):
+        discuss = self.discuss
+        contacts = discuss.contacts if discuss is not None else None
+        if contacts is not None:
+            friend = contacts.friend(to_int(self.id))
+            if friend is not None and friend.markname is not None:
+                return friend.markname
+        return self.name
+
+
+def _matches(obj, attrs):
+    """True when every (name, text) of attrs equals str() of obj's attribute of that name."""
+    for name, text in attrs:
+        if name.startswith("_"):
+            return False
+        value = getattr(obj, name, None)
+        if value is None or callable(value) or str(value) != text:
+            return False
+    return True
+
+
+class Contacts(object):
+    """Every contact of the account: one lock, lookups by any attribute, diffs that yield events.
+
+    Mutating methods return a list of (event, args) for the client to emit.
+    """
+
+    INDEXED = ("id", "uid", "name", "displayname", "markname", "card")
+
+    def __init__(self, use_friend_markname=True):
+        self.lock = threading.RLock()
+        self.use_friend_markname = use_friend_markname
+        self.user = User()
+        self.version = 0
+        self._friends, self._groups, self._discusses = [], [], []
+        self._friend_ids, self._group_ids, self._discuss_ids = {}, {}, {}
+        self._indexes = {}
+
+    def changed(self):
+        """Note a change made in place (a field of a model object)."""
+        with self.lock:
+            self.version += 1
+            self._indexes.clear()
+
+    # -- reading --------------------------------------------------------------
+
+    def friends(self):
+        with self.lock:
+            return list(self._friends)
+
+    def groups(self):
+        with self.lock:
+            return list(self._groups)
+
+    def discusses(self):
+        with self.lock:
+            return list(self._discusses)
+
+    def friend(self, id):
+        return self._friend_ids.get(id)
+
+    def group(self, id):
+        return self._group_ids.get(id)
+
+    def discuss(self, id):
+        return self._discuss_ids.get(id)
+
+    def search_friend(self, **attrs):
+        return self._search("friend", self._friends, attrs)
+
+    def search_group(self, **attrs):
+        return self._search("group", self._groups, attrs)
+
+    def search_discuss(self, **attrs):
+        return self._search("discuss", self._discusses, attrs)
+
+    def search_group_member(self, group, **attrs):
+        return self._search(("member", id(group)), group.members, attrs)
+
+    def search_discuss_member(self, discuss, **attrs):
+        return self._search(("member", id(discuss)), discuss.members, attrs)
+
+    def _search(self, key, objects, attrs):
+        attrs = [(k, str(v)) for k, v in attrs.items() if v is not None]
+        if not attrs:
+            return []
+        with self.lock:
+            name, text = next(((k, v) for k, v in attrs if k in self.INDEXED), attrs[0])
+            if name in self.INDEXED:
+                index = self._indexes.get((key, name))
+                if index is None:
+                    index = self._indexes[(key, name)] = {}
+                    for obj in objects:
+                        value = getattr(obj, name, None)
+                        if value is not None:
+                            index.setdefault(str(value), []).append(obj)
+                objects = index.get(text, ())
+            return [obj for obj in objects if _matches(obj, attrs)]
+
+    # -- changing -------------------------------------------------------------
+
+    def clear(self):
+        """Forget everything (a relogin may give every contact a new id)."""
+        with self.lock:
+            self.user = User()
+            self._friends, self._groups, self._discusses = [], [], []
+            self._reindex()
+
+    def _reindex(self):
+        self._friend_ids = {f.id: f for f in self._friends}
+        self._group_ids = {g.id: g for g in self._groups}
+        self._discuss_ids = {d.id: d for d in self._discusses}
+        self.changed()
+
+    @staticmethod
+    def _merge(old_list, new_list, kind, container=None):
+        """Merge new_list into old_list by id: (merged list, events)."""
+        extra = (container,) if container is not None else ()
+        old_ids = {o.id: o for o in old_list}
+        merged, events, seen = [], [], set()
+        for new in new_list:
+            seen.add(new.id)
+            old = old_ids.get(new.id)
+            if old is None:
+                merged.append(new)
+                events.append(("new_" + kind, (new,) + extra))
+            else:
+                for field, before, after in old.update(new):
+                    events.append((kind + "_property_change", (old, field, before, after)))
+                merged.append(old)
+        events.extend(("lose_" + kind, (old,) + extra) for old in old_list if old.id not in seen)
+        return merged, events
+
+    def set_user(self, user, diff=True):
+        with self.lock:
+            if not diff or self.user.id is None:
+                self.user = user
+                self.changed()
+                return []
+            events = [("user_property_change", (self.user,) + change) for change in self.user.update(user)]
+            self.changed()
+            return events
+
+    def set_friends(self, friends, diff=True):
+        with self.lock:
+            merged, events = self._merge(self._friends, friends, "friend")
+            self._friends = merged if diff else list(friends)
+            self._reindex()
+            return events if diff else []
+
+    def set_groups(self, groups, diff=True):
+        """Replace the group list; groups already known keep their members."""
+        with self.lock:
+            for g in groups:
+                g.contacts = self
+            merged, events = self._merge(self._groups, groups, "group")
+            self._groups = merged if diff else list(groups)
+            self._reindex()
+            return events if diff else []
+
+    def set_group_members(self, group, fields, members, diff=True):
+        """Store a group's detail fields (a dict) and members; diffs only once loaded before."""
+        with self.lock:
+            diff = diff and group.members_loaded
+            events = []
+            for name, value in fields.items():
+                old = getattr(group, name)
+                if value is None or value == old:
+                    continue
+                setattr(group, name, value)
+                events.append(("group_property_change", (group, name, old, value)))
+            for m in members:
+                m.group = group
+            merged, member_events = self._merge(group.members, members, "group_member", group)
+            group.members = merged if diff else list(members)
+            group.members_loaded = True
+            self.changed()
+            return events + member_events if diff else []
+
+    def set_discusses(self, discusses, diff=True):
+        with self.lock:
+            events = []
+            old_ids = {d.id: d for d in self._discusses}
+            for d in discusses:
+                d.contacts = self
+                for m in d.members:
+                    m.discuss = d
+                old = old_ids.get(d.id)
+                if old is not None:
+                    for m in d.members:
+                        m.discuss = old
+                    old.members, member_events = self._merge(old.members, d.members, "discuss_member", old)
+                    events.extend(member_events)
+            merged, list_events = self._merge(self._discusses, discusses, "discuss")
+            self._discusses = merged if diff else list(discusses)
+            self._reindex()
+            return list_events + events if diff else []
+
+    def set_friend_state(self, id, state, client_type=None):
+        """A friend's presence changed: the friend, or None when unknown."""
+        with self.lock:
+            friend = self._friend_ids.get(id)
+            if friend is not None:
+                friend.state = state
+                if client_type is not None:
+                    friend.client_type = client_type
+                self.changed()
+            return friend
+
+    def add_friend(self, friend):
+        with self.lock:
+            if friend.id in self._friend_ids:
+                return []
+            self._friends.append(friend)
+            self._reindex()
+            return [("new_friend", (friend,))]
+
+    def remove_friend(self, id):
+        with self.lock:
+            friend = self._friend_ids.get(id)
+            if friend is None:
+                return []
+            self._friends.remove(friend)
+            self._reindex()
+            return [("lose_friend", (friend,))]
+
+    def add_group(self, group):
+        with self.lock:
+            if group.id in self._group_ids:
+                return []
+            group.contacts = self
+            self._groups.append(group)
+            self._reindex()
+            return [("new_group", (group,))]
+
+    def remove_group(self, id):
+        with self.lock:
+            group = self._group_ids.get(id)
+            if group is None:
+                return []
+            self._groups.remove(group)
+            self._reindex()
+            return [("lose_group", (group,))]
+
+    def add_group_member(self, group, member):
+        with self.lock:
+            if any(m.id == member.id for m in group.members):
+                return []
+            member.group = group
+            group.members.append(member)
+            self.changed()
+            return [("new_group_member", (member, group))]
+
+    def remove_group_member(self, group, id):
+        with self.lock:
+            for member in group.members:
+                if member.id == id:
+                    group.members.remove(member)
+                    self.changed()
+                    return [("lose_group_member", (member, group))]
+            return []
+
+###############################################################################
+# 5. Messages
+###############################################################################
+
+FONT = {"name": "宋体", "size": 10, "style": [0, 0, 0], "color": "000000"}
+GARBAGE_FONT = " \0\n\0\0\0\0\u0002宋体\r"  # Mojo drops group messages whose first text is this
+FACE_TOKEN = re.compile(r"\[([^\[\]\s]{1,8})\]")
+
+
+def flatten_content(content):
+    """Received content segments as the original's text: faces by name, pictures as [图片]."""
+    if isinstance(content, str):
+        return content
+    parts, only_font = [], bool(content)
+    for seg in content or ():
+        if isinstance(seg, str):
+            only_font = False
+            parts.append(html.unescape(seg.replace("&nbsp;", " ")).replace("\r\n", "\n").replace("\r", "\n"))
+        elif isinstance(seg, list) and seg and seg[0] == "font":
+            continue
+        else:
+            only_font = False
+            kind = seg[0] if isinstance(seg, list) and seg else None
+            if kind == "face":
+                face = to_int(seg[1] if len(seg) > 1 else None)
+                parts.append("[%s]" % ((FACES.get(face) if face else None) or "表情"))
+            elif kind in ("cface", "offpic"):
+                parts.append("[图片]")
+            else:
+                parts.append("[未识别内容]")
+    return "[图片]" if only_font else "".join(parts)
+
+
+def encode_content(text):
+    """Text to send as SmartQQ segments: [name] faces become ["face", id], the font goes last."""
+    segments, pos = [], 0
+    for m in FACE_TOKEN.finditer(text):
+        face = FACE_IDS.get(m.group(1))
+        if face is None:
+            continue
+        if m.start() > pos:
+            segments.append(text[pos:m.start()])
+        segments.append(["face", face])
+        pos = m.end()
+    if pos < len(text):
+        segments.append(text[pos:])
+    segments.append(["font", FONT])
+    return segments
+
+
+class Message(object):
+    """A message received or sent; to_json() gives the original's report keys and types.
+
+    `from_` is the report's `from` (who asked for the send: "api", "code", ...), `source`
+    is "local" for our own sends and "outer" for our messages sent from another device.
+    """
+
+    __slots__ = ("id", "type", "cls", "time", "content", "raw_content", "sender", "receiver",
+                 "group", "discuss", "via", "from_", "source", "ttl", "code", "msg", "info",
+                 "callback", "_done")
+
+    def __init__(self, **fields):
+        for name in self.__slots__:
+            setattr(self, name, fields.pop(name, None))
+        if fields:
+            raise TypeError("Message has no field %s" % ", ".join(sorted(fields)))
+        self._done = threading.Event()
+        if self.time is None:
+            self.time = int(time.time())
+
+    def wait(self, timeout=None):
+        """Block until the send's final status is known; True if it is."""
+        return self._done.wait(timeout)
+
+    @property
+    def done(self):
+        return self._done.is_set()
+
+    def finish(self, code, info):
+        """Record the final status of a send."""
+        self.code, self.info = code, info
+        self.msg = SEND_OK if code == 0 else SEND_FAILED
+        self._done.set()
+
+    def to_json(self):
+        data = {"class": self.cls, "id": self.id, "type": self.type, "time": self.time,
+                "content": self.content}
+        for key in ("sender", "receiver", "group"):
+            obj = getattr(self, key)
+            if obj is not None:
+                data[key], data[key + "_id"], data[key + "_uid"] = obj.displayname, obj.id, obj.uid
+        if self.discuss is not None:
+            data["discuss"], data["discuss_id"] = self.discuss.displayname, self.discuss.id
+        if self.via is not None:
+            data["via"] = self.via
+        if self.cls == "send":
+            data.update({"from": self.from_, "ttl": self.ttl, "source": self.source,
+                         "code": self.code, "msg": self.msg, "info": self.info})
+        return data
+
+    def __repr__(self):
+        return "<Message %s %s %s %r>" % (self.cls, self.type, self.id, self.content)
+
+
+###############################################################################
+# 6. Events
+###############################################################################
+
+
+class EventEmitter(object):
+    """on(name, fn) / emit(name, *args): handlers run in order; one that raises is logged."""
+
+    def __init__(self, log=None):
+        self.log = log or logging.getLogger("webqq")
+        self._handlers = {}
+        self._handlers_lock = threading.Lock()
+
+    def on(self, name, fn):
+        """Subscribe fn to name ("all_event" gets every event as fn(name, *args)); returns fn."""
+        with self._handlers_lock:
+            self._handlers[name] = self._handlers.get(name, ()) + (fn,)
+        return fn
+
+    def off(self, name, fn):
+        with self._handlers_lock:
+            self._handlers[name] = tuple(h for h in self._handlers.get(name, ()) if h is not fn)
+
+    def emit(self, name, *args):
+        for fn in self._handlers.get(name, ()):
+            self._call(name, fn, args)
+        for fn in self._handlers.get("all_event", ()):
+            self._call(name, fn, (name,) + args)
+
+    def _call(self, name, fn, args):
+        try:
+            fn(*args)
+        except Exception:
+            self.log.exception("handler %s of event %s failed", getattr(fn, "__name__", fn), name)
+
+###############################################################################
+# 7. Upstreams
+###############################################################################
+
+
+class LoginFailed(Exception):
+    """Login did not succeed; `fatal` when trying again would fail the same way."""
+
+    def __init__(self, text, fatal=True):
+        Exception.__init__(self, text)
+        self.fatal = fatal
+
+
+class NeedRelogin(Exception):
+    """The session is gone: the client must log in again."""
+
+
+class Stopped(Exception):
+    """The client is stopping: give up what you are doing."""
+
+
+class ApiError(Exception):
+    """An upstream API answered with an error code (-1: no JSON at all)."""
+
+    def __init__(self, code, text=""):
+        Exception.__init__(self, "retcode %s%s" % (code, ": " + text if text else ""))
+        self.code = code
+
+
+class Upstream(object):
+    """What a backend implements for the client (docs/internals.md lists the contract)."""
+
+    name = "upstream"
+    OPTIONS = {}  # client options this upstream adds, with their defaults
+
+    def __init__(self, client):
+        self.client = client
+        self.log = client.log
+        self.uid = None  # the account's QQ number once logged in
+
+    def login(self):
+        raise NotImplementedError
+
+    def fetch_user(self):
+        raise NotImplementedError
+
+    def fetch_friends(self):
+        raise NotImplementedError
+
+    def fetch_groups(self):
+        raise NotImplementedError
+
+    def fetch_group_detail(self, group):
+        raise NotImplementedError
+
+    def fetch_discusses(self):
+        raise NotImplementedError
+
+    def poll(self):
+        raise NotImplementedError
+
+    def send(self, msg):
+        raise NotImplementedError
+
+    def shutup(self, group, members, seconds):
+        raise NotImplementedError
+
+    def kick(self, group, members):
+        raise NotImplementedError
+
+    def logout(self):
+        """End the session upstream (a relogin starts with this)."""
+
+    def interrupt(self):
+        """Break a poll() in progress; the upstream stays usable."""
+
+    def close(self):
+        """Break every request in progress and save what must survive a restart."""
+
+
+def send_status(body):
+    """(code, info) of a send answer, with the original's codes (Mojo parse_send_status_msg)."""
+    if not isinstance(body, dict):
+        return -1, "数据格式错误"
+    if body.get("errCode") == 0 and body.get("msg") == "send ok":
+        return 0, "发送正常"
+    retcode = body.get("retcode")
+    if retcode == 0:
+        return 0, "发送正常"
+    if retcode in SEND_IGNORED:
+        return 0, "忽略返回值: %s" % retcode
+    if body.get("errMsg") == "ERROR":
+        return -3, "发送异常"
+    if "errCode" in body:
+        return -4, "响应未知: " + json_dumps(body)
+    if retcode is not None:
+        return -5, "未识别返回值:%s" % retcode
+    return -2, "响应未知: " + json_dumps(body)
+
+
+def _unique_by(items, key):
+    """{key(item): item} for the keys that occur exactly once."""
+    found, dupes = {}, set()
+    for item in items:
+        k = key(item)
+        if k in found:
+            dupes.add(k)
+        found[k] = item
+    return {k: v for k, v in found.items() if k not in dupes}
+
+
+class SmartQQ(Upstream):
+    """The w.qq.com web protocol: QR login, contacts, poll2, sends, qinfo group admin."""
+
+    name = "smartqq"
+    SHARED_FILE = re.compile(r'<n t="t" s="共享文件"/>.*<n t="t" s="([^"]*)"/>', re.S)
+
+    def __init__(self, client):
+        Upstream.__init__(self, client)
+        opts = client.options
+        jar = http.cookiejar.CookieJar()
+        base = opts.get("smartqq_base")
+        self.http = Http(base, timeout=opts["http_timeout"], jar=jar, log=self.log)
+        self.poll_http = Http(base, timeout=opts["poll_timeout"], jar=jar, log=self.log)
+        if opts["keep_cookie"]:
+            self.http.load_cookies(client.cookie_path)
+        self._reset_session()
+
+    def _reset_session(self):
+        self.ptwebqq = self.vfwebqq = self.psessionid = None
+        self.face = None
+        self.poll_failures = 0
+        self._bkn = None
+        self._sess_sigs = {}
+
+    # -- requests -------------------------------------------------------------
+
+    def _call(self, method, url, referer=None, data=None, retries=3, timeout=None):
+        """A request retried (with backoff) when it gets no answer or a 5xx; the Response."""
+        for attempt in range(1, retries + 1):
+            try:
+                res = self.http.request(method, url, data=data, referer=referer, timeout=timeout)
+                if res.status < 500 or attempt == retries:
+                    return res
+            except TransportError:
+                if attempt == retries or self.client.stopping:
+                    raise
+            if not self.client.sleep(min(0.25 * 2 ** attempt, 4.0)):
+                raise Stopped()
+
+    def _api(self, method, url, referer, data=None, retries=3):
+        """A SmartQQ JSON call: its `result`, or ApiError."""
+        if isinstance(data, dict):
+            data = {"r": json.dumps(data, ensure_ascii=False)}
+        res = self._call(method, url, referer, data, retries)
+        try:
+            body = res.json()
+        except ValueError:
+            raise ApiError(-1, "HTTP %s, not JSON" % res.status)
+        if not isinstance(body, dict):
+            raise ApiError(-1, "unexpected answer")
+        retcode = body.get("retcode", body.get("errCode", 0))
+        if retcode != 0 or "result" not in body:
+            raise ApiError(retcode, body.get("errmsg") or "")
+        return body["result"]
+
+    def _qun(self, url, form, referer):
+        """A qun.qq.com / qinfo.clt.qq.com call, authorised by bkn(skey): its JSON, or ApiError."""
+        if self._bkn is None:
+            self._bkn = bkn(self.http.cookie("skey") or "")
+        form = dict(form, bkn=self._bkn)
+        res = self._call("POST", url, referer, form)
+        try:
+            body = res.json()
+        except ValueError:
+            raise ApiError(-1, "HTTP %s, not JSON" % res.status)
+        if not isinstance(body, dict) or body.get("ec") != 0:
+            raise ApiError(body.get("ec", -1) if isinstance(body, dict) else -1)
+        return body
+
+    def _t(self):
+        return int(time.time() * 1000)
+
+    # -- login ----------------------------------------------------------------
+
+    def login(self):
+        self._reset_session()
+        try:
+            self._prepare()
+            url = self._resume_url()
+            if url:
+                try:
+                    self._finish_login(url)
+                    self.log.info("已通过cookie恢复登录，无需扫码 (session resumed from cookies)")
+                    return False
+                except (ApiError, TransportError, LoginFailed) as e:
+                    self.log.info("cookie恢复登录失败 (%s)，改用二维码登录", e)
+                    self.http.clear_cookies()
+                    self._prepare()
+            self._finish_login(self._qr_login())
+            return True
+        except (ApiError, TransportError) as e:
+            raise LoginFailed("登录失败: %s" % e, fatal=False)
+
+    def _prepare(self):
+        self._call("GET", "http://w.qq.com/")
+        self._call("GET", XLOGIN, referer="http://w.qq.com/")
+
+    def _resume_url(self):
+        """A check_sig URL from pt4_auth when saved cookies still hold a session, else None."""
+        token = self.http.cookie("supertoken")
+        if not (token and self.http.cookie("superuin")):
+            return None
+        res = self._call("GET", "https://ssl.ptlogin2.qq.com/pt4_auth?daid=%d&appid=%d&auth_token=%d"
+                         % (DAID, APPID, time33(token)), referer=XLOGIN)
+        args = quoted_args(res.text)
+        if len(args) > 1 and re.match(r"^https?://[^/]+\.qq\.com/check_sig", args[1]):
+            return args[1] + "&regmaster=&aid=%d&s_url=http%%3A%%2F%%2Fw.qq.com%%2Fproxy.html" % APPID
+        return None
+
+    def _qr_login(self):
+        """Show QR codes until one is scanned and confirmed: the check_sig URL."""
+        client, expired = self.client, 0
+        while True:
+            res = self._call("GET", "https://ssl.ptlogin2.qq.com/ptqrshow?appid=%d&e=2&l=M&s=3&d=72&v=4"
+                             "&t=%s&daid=%d&pt_3rd_aid=0" % (APPID, random.random(), DAID), XLOGIN)
+            if res.status != 200 or not res.body.startswith(b"\x89PNG"):
+                raise ApiError(-1, "ptqrshow answered HTTP %s without a PNG" % res.status)
+            shown = time.time()
+            client.show_qrcode(res.body)
+            token = hash33(self.http.cookie("qrsig") or "")
+            while True:
+                url = ("https://ssl.ptlogin2.qq.com/ptqrlogin?u1=http%%3A%%2F%%2Fw.qq.com%%2Fproxy.html"
+                       "&ptqrtoken=%d&ptredirect=0&h=1&t=1&g=1&from_ui=1&ptlang=2052&action=0-0-%d"
+                       "&js_ver=%d&js_type=1&login_sig=%s&pt_uistyle=40&aid=%d&daid=%d&mibao_css=m_webqq&"
+                       % (token, (time.time() - shown) * 1000, JS_VER,
+                          self.http.cookie("pt_login_sig") or "", APPID, DAID))
+                args = quoted_args(self._call("GET", url, XLOGIN).text)
+                code = args[0] if args else ""
+                if code == "66":
+                    client.set_state("scaning")
+                elif code == "67":
+                    if client.state != "confirming":
+                        client.log.info("手机扫码成功，请在手机上点击[登录]按钮 (tap Allow on the phone)")
+                    client.set_state("confirming")
+                elif code == "65":
+                    expired += 1
+                    client.emit("qrcode_expire")
+                    if expired >= client.options["qrcode_count_max"]:
+                        raise LoginFailed("二维码已失效%d次，客户端停止运行 (too many expired QR codes)" % expired)
+                    client.log.info("二维码已失效，重新获取二维码 (QR code expired, fetching a new one)")
+                    break
+                elif code == "0" and len(args) > 2:
+                    self.uid = to_int(re.sub(r"^o0*", "", self.http.cookie("uin") or ""))
+                    account = client.account
+                    if client.options["check_account"] and account.isdigit() and self.uid != int(account):
+                        raise LoginFailed("扫码帐号(%s)与设置帐号(%s)不一致" % (self.uid, account))
+                    return args[2]
+                else:
+                    text = args[4] if len(args) > 4 else (code or "no answer")
+                    raise LoginFailed("%s，客户端终止运行 (ptqrlogin %s)" % (text, code))
+                if not client.sleep(client.options["qr_check_interval"]):
+                    raise Stopped()
+
+    def _finish_login(self, check_sig_url):
+        """check_sig, getvfwebqq, login2 and the get_online_buddies2 that registers the session."""
+        res = self._call("GET", check_sig_url)
+        if res.status >= 400:
+            raise LoginFailed("check_sig answered HTTP %s" % res.status, fatal=False)
+        self.uid = self.uid or to_int(re.sub(r"^o0*", "", self.http.cookie("uin") or ""))
+        self.ptwebqq = self.http.cookie("ptwebqq") or ""
+        self.vfwebqq = self._api("GET", "https://s.web2.qq.com/api/getvfwebqq?ptwebqq=%s&clientid=%d"
+                                 "&psessionid=&t=%d" % (self.ptwebqq, CLIENTID, self._t()), S_REF)["vfwebqq"]
+        result = self._api("POST", "http://d1.web2.qq.com/channel/login2", D_REF, {
+            "ptwebqq": self.ptwebqq, "clientid": CLIENTID, "psessionid": "",
+            "status": self.client.options["mode"]})
+        if self.uid and result.get("uin") not in (None, self.uid):
+            raise LoginFailed("login2 returned another account (%s)" % result.get("uin"))
+        self.psessionid, self.uid = result["psessionid"], result.get("uin", self.uid)
+        self._online_buddies()
+        if self.client.options["keep_cookie"]:
+            self.http.save_cookies(self.client.cookie_path)
+
+    def _online_buddies(self):
+        """{uin: (state, client_type)} of online friends; also keeps the session registered."""
+        result = self._api("GET", "http://d1.web2.qq.com/channel/get_online_buddies2?vfwebqq=%s&clientid=%d"
+                           "&psessionid=%s&t=%d" % (self.vfwebqq, CLIENTID, self.psessionid, self._t()), D_REF)
+        return {b.get("uin"): (b.get("status") or "online", CLIENT_TYPES.get(b.get("client_type"), "unknown"))
+                for b in result or () if isinstance(b, dict)}
+
+    def logout(self):
+        skey, ptcz = self.http.cookie("skey") or "", self.http.cookie("ptcz") or ""
+        try:
+            self._call("GET", "https://ptlogin2.qq.com/logout?pt4_token=%s&pt4_hkey=%d&pt4_ptcz=%d&deep_logout=1"
+                       % (self.http.cookie("pt4_token") or "", time33(skey), hash33(ptcz)),
+                       referer="http://w.qq.com/", retries=1)
+        except TransportError as e:
+            self.log.debug("logout: %s", e)
+        self._reset_session()
+
+    def interrupt(self):
+        self.poll_http.abort()
+
+    def close(self):
+        self.poll_http.close()
+        self.http.close()
+        if self.client.options["keep_cookie"] and self.psessionid:
+            self.http.save_cookies(self.client.cookie_path)
+
+    # -- contacts -------------------------------------------------------------
+
+    def fetch_user(self):
+        r = self._api("GET", "https://s.web2.qq.com/api/get_self_info2?t=%d" % self._t(), S_REF)
+        b = r.get("birthday") or {}
+        self.face = r.get("face")
+        fields = {k: r.get(k) for k in ("account", "allow", "blood", "city", "college", "constel",
+                                         "country", "email", "face", "homepage", "mobile",
+                                         "occupation", "personal", "phone", "province", "shengxiao",
+                                         "vip_info")}
+        return User(id=r.get("uin"), uid=self.uid, name=r.get("nick"), signature=r.get("lnick"),
+                    sex=r.get("gender"), state=self.client.options["mode"], client_type="web",
+                    birthday="%s-%s-%s" % (b.get("year"), b.get("month"), b.get("day")) if b else None,
+                    **fields)
+
+    def fetch_friends(self):
+        r = self._api("POST", "https://s.web2.qq.com/api/get_user_friends2", S_REF,
+                      {"vfwebqq": self.vfwebqq, "hash": friend_hash(self.uid, self.ptwebqq)})
+        categories = {c.get("index"): c.get("name") for c in r.get("categories") or ()}
+        categories.setdefault(0, "我的好友")
+        marknames = {m.get("uin"): m.get("markname") for m in r.get("marknames") or ()}
+        vips = {v.get("u"): v for v in r.get("vipinfo") or ()}
+        infos = {i.get("uin"): i for i in r.get("info") or ()}
+        online = self._online_buddies()
+        friends = []
+        for f in r.get("friends") or ():
+            uin = f.get("uin")
+            info, vip = infos.get(uin, {}), vips.get(uin, {})
+            state, client_type = online.get(uin, ("offline", "unknown"))
+            friends.append(Friend(
+                id=uin, name=info.get("nick"), face=info.get("face"), flag=f.get("flag", info.get("flag")),
+                category=categories.get(f.get("categories"), "我的好友"), markname=marknames.get(uin),
+                is_vip=vip.get("is_vip"), vip_level=vip.get("vip_level"), state=state,
+                client_type=client_type))
+        self._friend_numbers(friends)
+        return friends
+
+    def _friend_numbers(self, friends):
+        """Fill friends' uid from qun.qq.com's friend list, matched on (displayname, category)."""
+        try:
+            result = self._qun("http://qun.qq.com/cgi-bin/qun_mgr/get_friend_list", {}, QUN_REF).get("result")
+        except (ApiError, TransportError) as e:
+            self.log.debug("no QQ numbers for friends: %s", e)
+            return
+        numbered = []
+        for index, category in (result or {}).items():
+            name = category.get("gname") or "我的好友"
+            numbered.extend(((m.get("name"), name), m.get("uin")) for m in category.get("mems") or ())
+        theirs = _unique_by(numbered, lambda pair: pair[0])
+        ours = _unique_by(friends, lambda f: (f.displayname, f.category))
+        for key, friend in ours.items():
+            if key in theirs:
+                friend.uid = theirs[key][1]
+
+    def fetch_groups(self):
+        r = self._api("POST", "https://s.web2.qq.com/api/get_group_name_list_mask2", S_REF,
+                      {"vfwebqq": self.vfwebqq, "hash": friend_hash(self.uid, self.ptwebqq)})
+        marks = {m.get("uin"): m.get("markname") for m in r.get("gmarklist") or ()}
+        groups = [Group(id=g.get("gid"), code=g.get("code"), name=g.get("name"), markname=marks.get(g.get("gid")))
+                  for g in r.get("gnamelist") or ()]
+        try:
+            lists = self._qun("http://qun.qq.com/cgi-bin/qun_mgr/get_group_list", {}, QUN_REF)
+        except (ApiError, TransportError) as e:
+            self.log.debug("no QQ numbers for groups: %s", e)
+            return groups
+        numbered = [(g, role) for key, role in (("create", "create"), ("manage", "manage"), ("join", "attend"))
+                    for g in lists.get(key) or ()]
+        theirs = _unique_by(numbered, lambda pair: pair[0].get("gn"))
+        for name, group in _unique_by(groups, lambda g: g.name).items():
+            if name in theirs:
+                info, role = theirs[name]
+                group.uid, group.owner_uid, group.role = info.get("gc"), info.get("owner"), role
+        return groups
+
+    def fetch_group_detail(self, group):
+        r = self._api("GET", "https://s.web2.qq.com/api/get_group_info_ext2?gcode=%s&vfwebqq=%s&t=%d"
+                      % (group.code, self.vfwebqq, self._t()), S_REF)
+        ginfo = r.get("ginfo") or {}
+        fields = {"name": ginfo.get("name"), "memo": ginfo.get("memo"), "createtime": ginfo.get("createtime"),
+                  "level": ginfo.get("level"), "owner_id": ginfo.get("owner")}
+        cut = self.client.options["group_member_card_cut_length"]
+        cards = {c.get("muin"): c.get("card") for c in r.get("cards") or ()}
+        stats = {s.get("uin"): s for s in r.get("stats") or ()}
+        members = []
+        for m in r.get("minfo") or ():
+            uin, stat = m.get("uin"), stats.get(m.get("uin"))
+            members.append(GroupMember(
+                id=uin, name=m.get("nick"), sex=m.get("gender"), country=m.get("country"),
+                province=m.get("province"), city=m.get("city"), card=cut_utf8(cards.get(uin), cut),
+                state=STATE_CODES.get(stat.get("stat"), "online") if stat else "offline",
+                client_type=CLIENT_TYPES.get(stat.get("client_type"), "unknown") if stat else "unknown"))
+        if group.uid:
+            self._member_numbers(group, members, cut)
+        return fields, members
+
+    def _member_numbers(self, group, members, cut):
+        """Fill members' uid, role and times from qinfo, matched on (name, card)."""
+        try:
+            info = self._qun("http://qinfo.clt.qq.com/cgi-bin/qun_info/get_group_members",
+                             {"gc": group.uid, "u": self.uid}, QINFO_REF)
+        except (ApiError, TransportError) as e:
+            self.log.debug("no QQ numbers for members of %s: %s", group.uid, e)
+            return
+        cards = {to_int(k): v for k, v in (info.get("cards") or {}).items()}
+        joins = {to_int(k): v for k, v in (info.get("join") or {}).items()}
+        spoke = {to_int(k): v for k, v in (info.get("times") or {}).items()}
+        admins, owner = set(info.get("adm") or ()), info.get("owner")
+        theirs = _unique_by(info.get("mems") or (), lambda m: (m.get("n"), cut_utf8(cards.get(m.get("u")), cut)))
+        for key, member in _unique_by(members, lambda m: (m.name, m.card)).items():
+            if key in theirs:
+                qq = theirs[key].get("u")
+                member.uid, member.join_time, member.last_speak_time = qq, joins.get(qq), spoke.get(qq)
+                member.role = "owner" if qq == owner else "admin" if qq in admins else "member"
+
+    def fetch_discusses(self):
+        r = self._api("GET", "https://s.web2.qq.com/api/get_discus_list?clientid=%d&psessionid=%s&vfwebqq=%s&t=%d"
+                      % (CLIENTID, self.psessionid, self.vfwebqq, self._t()), S_REF)
+        discusses = []
+        for d in r.get("dnamelist") or ():
+            info = self._api("GET", "http://d1.web2.qq.com/channel/get_discu_info?did=%s&vfwebqq=%s&clientid=%d"
+                             "&psessionid=%s&t=%d" % (d.get("did"), self.vfwebqq, CLIENTID, self.psessionid,
+                                                      self._t()), D_REF)
+            names = {m.get("uin"): m.get("nick") for m in info.get("mem_info") or ()}
+            stats = {s.get("uin"): s for s in info.get("mem_status") or ()}
+            members = []
+            for m in (info.get("info") or {}).get("mem_list") or ():
+                uin, stat = m.get("mem_uin"), stats.get(m.get("mem_uin")) or {}
+                members.append(DiscussMember(
+                    id=str(uin), uid=m.get("ruin"), name=names.get(uin), state=stat.get("status") or "offline",
+                    client_type=CLIENT_TYPES.get(stat.get("client_type"), "unknown")))
+            discusses.append(Discuss(id=d.get("did"), name=d.get("name"),
+                                     owner_id=(info.get("info") or {}).get("discu_owner"), members=members))
+        return discusses
+
+    # -- receiving ------------------------------------------------------------
+
+    def poll(self):
+        r = {"ptwebqq": self.ptwebqq, "clientid": CLIENTID, "psessionid": self.psessionid, "key": ""}
+        res = self.poll_http.post("http://d1.web2.qq.com/channel/poll2",
+                                  data={"r": json.dumps(r)}, referer=D_REF)
+        if res.status in (502, 504, 404):
+            return []
+        if res.status != 200:
+            return self._poll_failure("HTTP %s" % res.status)
+        try:
+            body = res.json()
+            retcode = body.get("retcode")
+        except (ValueError, AttributeError):
+            return self._poll_failure("not JSON")
+        if retcode == 0:
+            self.poll_failures = 0
+            return self._parse_poll(body.get("result") or [])
+        if retcode == 116:
+            self.ptwebqq = body.get("p") or self.ptwebqq
+            self.http.set_cookie("ptwebqq", self.ptwebqq)
+            return []
+        if retcode in POLL_IGNORED:
+            return []
+        if retcode in POLL_RELINK:
+            self._relink()
+            return []
+        if retcode in POLL_RELOGIN:
+            if self._probe():
+                return []
+            raise NeedRelogin("接收消息返回 retcode %s，会话已失效 (session lost)" % retcode)
+        return self._poll_failure("retcode %s" % retcode)
+
+    def _poll_failure(self, why):
+        self.poll_failures += 1
+        self.log.warning("接收消息失败 (%s)，连续%d次", why, self.poll_failures)
+        if self.poll_failures > self.client.options["poll_failure_count_max"]:
+            self.poll_failures = 0
+            raise NeedRelogin("接收消息失败次数超过最大值 (too many poll failures)")
+        return []
+
+    def _probe(self):
+        """True when the session still answers get_online_buddies2."""
+        try:
+            self._online_buddies()
+            return True
+        except (ApiError, TransportError):
+            return False
+
+    def _relink(self):
+        """Answer to poll 120/121: login2 again with the current psessionid."""
+        try:
+            result = self._api("POST", "http://d1.web2.qq.com/channel/login2", D_REF, {
+                "status": self.client.options["mode"], "key": "", "ptwebqq": self.ptwebqq,
+                "clientid": CLIENTID, "psessionid": self.psessionid}, retries=1)
+        except (ApiError, TransportError) as e:
+            raise NeedRelogin("重新连接失败 (relink failed: %s)" % e)
+        self.psessionid = result.get("psessionid") or self.psessionid
+        self.vfwebqq = result.get("vfwebqq") or self.vfwebqq
+        self.ptwebqq = result.get("ptwebqq") or self.ptwebqq
+        self.log.info("已重新连接 (relinked)")
+
+    def _parse_poll(self, result):
+        items = []
+        for event in result:
+            kind, v = event.get("poll_type"), event.get("value") or {}
+            base = {"kind": "message", "id": v.get("msg_id"), "time": to_int(v.get("time"), int(time.time())),
+                    "sender_id": v.get("send_uin", v.get("from_uin")), "receiver_id": v.get("to_uin"),
+                    "raw_content": v.get("content"), "content": flatten_content(v.get("content"))}
+            if kind == "message":
+                base.update(type="friend_message", sender_id=v.get("from_uin"))
+            elif kind == "group_message":
+                content = v.get("content") or []
+                if len(content) > 1 and content[1] == GARBAGE_FONT:
+                    continue
+                base.update(type="group_message", group_id=v.get("from_uin"))
+            elif kind == "discu_message":
+                base.update(type="discuss_message", discuss_id=v.get("did", v.get("from_uin")))
+            elif kind == "sess_message":
+                via = {0: "group", 1: "discuss"}.get(v.get("service_type"))
+                if via is None:
+                    continue
+                base.update(type="sess_message", via=via, sender_id=v.get("from_uin"), sender_uid=v.get("ruin"))
+                base["group_id" if via == "group" else "discuss_id"] = v.get("id")
+            elif kind == "group_web_message":
+                found = self.SHARED_FILE.search(v.get("xml") or "")
+                if not found:
+                    continue
+                base.update(type="group_message", group_id=v.get("from_uin"), content="共享文件 [%s]" % found.group(1))
+            elif kind == "buddies_status_change":
+                items.append({"kind": "state", "id": v.get("uin"), "state": v.get("status") or "offline",
+                              "client_type": CLIENT_TYPES.get(v.get("client_type"), "unknown")})
+                continue
+            elif kind == "kick_message":
+                reason = v.get("reason") if v.get("show_reason") != 0 else None
+                items.append({"kind": "kick", "reason": reason or "您已被迫下线"})
+                continue
+            else:
+                self.log.debug("ignored poll event %s", kind)
+                continue
+            items.append(base)
+        return items
+
+    # -- sending and group admin ----------------------------------------------
+
+    ENDPOINTS = {"friend_message": "send_buddy_msg2", "group_message": "send_qun_msg2",
+                 "discuss_message": "send_discu_msg2", "sess_message": "send_sess_msg2"}
+
+    def send(self, msg):
+        r = {"content": json.dumps(encode_content(msg.content), ensure_ascii=False),
+             "face": self.face if self.face is not None else (570 if msg.type == "friend_message" else 591),
+             "clientid": CLIENTID, "msg_id": msg.id, "psessionid": self.psessionid}
+        if msg.type == "friend_message":
+            r["to"] = msg.receiver.id
+        elif msg.type == "group_message":
+            r["group_uin"] = msg.group.id
+        elif msg.type == "discuss_message":
+            r["did"] = msg.discuss.id
+        else:
+            service_type = 0 if msg.via == "group" else 1
+            sig = self._sess_sig((msg.group or msg.discuss).id, to_int(msg.receiver.id), service_type)
+            if not sig:
+                return -5, "无法获取到sess_sig"
+            r.update(to=to_int(msg.receiver.id), group_sig=sig, service_type=service_type)
+        try:
+            res = self.http.post("http://d1.web2.qq.com/channel/" + self.ENDPOINTS[msg.type],
+                                 data={"r": json.dumps(r, ensure_ascii=False)}, referer=D_REF)
+            return send_status(res.json())
+        except (TransportError, ValueError):
+            return -1, "数据格式错误"
+
+    def _sess_sig(self, id, to, service_type):
+        """The temporary-session signature for (id, to), cached 300 s."""
+        key, now = (id, to, service_type), time.time()
+        cached = self._sess_sigs.get(key)
+        if cached and cached[1] > now:
+            return cached[0]
+        try:
+            result = self._api("GET", "http://d1.web2.qq.com/channel/get_c2cmsg_sig2?id=%s&to_uin=%s"
+                               "&service_type=%d&clientid=%d&psessionid=%s&t=%d"
+                               % (id, to, service_type, CLIENTID, self.psessionid, self._t()), D_REF, retries=1)
+        except (ApiError, TransportError) as e:
+            self.log.warning("无法获取到sess_sig: %s", e)
+            return None
+        sig = result.get("value") if isinstance(result, dict) else None
+        if sig:
+            self._sess_sigs[key] = (sig, now + 300)
+        return sig
+
+    def shutup(self, group, members, seconds):
+        if not group.uid or seconds < 60 or group.role == "attend" or any(
+                m.uid is None or m.role in ("owner", "admin") for m in members):
+            return False
+        shutup_list = json.dumps([{"uin": m.uid, "t": int(seconds)} for m in members])
+        try:
+            self._qun("http://qinfo.clt.qq.com/cgi-bin/qun_info/set_group_shutup",
+                      {"gc": group.uid, "shutup_list": shutup_list}, QINFO3_REF)
+            return True
+        except (ApiError, TransportError) as e:
+            self.log.warning("禁言失败 (shutup failed): %s", e)
+            return False
+
+    def kick(self, group, members):
+        if not group.uid or group.role == "attend" or any(m.uid is None for m in members):
+            return False
+        try:
+            self._qun("http://qun.qq.com/cgi-bin/qun_mgr/delete_group_member",
+                      {"gc": group.uid, "ul": "|".join(str(m.uid) for m in members), "flag": 0}, QUN_REF)
+            return True
+        except (ApiError, TransportError) as e:
+            self.log.warning("踢人失败 (kick failed): %s", e)
+            return False
+
+###############################################################################
+# 8. Client
+###############################################################################
+
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "msg": 25, "warn": logging.WARNING,
+              "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL}
+logging.addLevelName(25, "MSG")
+
+
+class LogFormatter(logging.Formatter):
+    """The original's log lines: [yy/mm/dd HH:MM:SS] [level] text."""
+
+    NAMES = {logging.DEBUG: "debug", logging.INFO: "info", 25: "msg", logging.WARNING: "warn",
+             logging.ERROR: "error", logging.CRITICAL: "fatal"}
+
+    def __init__(self):
+        logging.Formatter.__init__(self, "[%(asctime)s] [%(short)s] %(message)s", "%y/%m/%d %H:%M:%S")
+
+    def format(self, record):
+        record.short = self.NAMES.get(record.levelno, record.levelname.lower())
+        return logging.Formatter.format(self, record)
+
+
+def configure_logging(level="info", path=None, stream=None):
+    """Send the `webqq` logger to path (or stream, default stderr) at level; idempotent."""
+    logger = logging.getLogger("webqq")
+    logger.setLevel(LOG_LEVELS.get(str(level).lower(), logging.INFO))
+    for handler in [h for h in logger.handlers if getattr(h, "webqq", False)]:
+        logger.removeHandler(handler)
+        handler.close()
+    handler = logging.FileHandler(path, encoding="utf-8") if path else logging.StreamHandler(stream or sys.stderr)
+    handler.webqq = True
+    handler.setFormatter(LogFormatter())
+    logger.addHandler(handler)
+    return logger
+
+
+def pid_alive(pid):
+    """True when a process with this pid runs (without signalling it, Windows included)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":
+        import ctypes
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        ctypes.windll.kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Client(EventEmitter):
+    """The QQ client: options, the state machine, files, the send queue, relogin, plugins."""
+
+    # option: (default, one line of help). The README's option table is this.
+    OPTIONS = collections.OrderedDict([
+        ("account", ("default", "instance name, used in file names")),
+        ("tmpdir", (None, "folder for the cookie, pid, QR and state files (default: the system temp folder)")),
+        ("upstream", ("smartqq", "backend: smartqq, or a plugin providing one (onebot)")),
+        ("upstream_options", ({}, "options for an upstream plugin")),
+        ("smartqq_base", (None, "send every *.qq.com request to this base URL (a simulator)")),
+        ("mode", ("online", "presence: online away busy silent hidden offline callme")),
+        ("send_interval", (3.0, "seconds between two sends")),
+        ("msg_ttl", (3, "attempts per message")),
+        ("update_interval", (600.0, "seconds between contact refreshes")),
+        ("load_members", (True, "load every group's members in the background after login")),
+        ("qrcode_count_max", (10, "stop after this many expired QR codes")),
+        ("qr_check_interval", (3.0, "seconds between two checks of the QR state")),
+        ("qrcode_display", ("terminal", "where to show the QR: terminal, viewer, none (comma-separated)")),
+        ("poll_failure_count_max", (3, "relogin after more unknown poll errors in a row than this")),
+        ("send_failure_count_max", (5, "relogin after this many send errors (-3) in a row")),
+        ("poll_timeout", (120.0, "seconds to wait for one long poll")),
+        ("http_timeout", (30.0, "seconds to wait for any other upstream request")),
+        ("keep_cookie", (True, "keep cookies in a file to log in again without a scan")),
+        ("check_account", (False, "stop when the scanning account differs from a numeric `account`")),
+        ("ignore_unknown_id", (True, "drop messages from senders not in the contacts")),
+        ("allow_message_sync", (False, "report own messages sent from other devices")),
+        ("default_send_real_comp_sign", (False, "send < and > as they are (else as ＜ ＞)")),
+        ("group_member_card_cut_length", (21, "cut group cards to this many UTF-8 bytes")),
+        ("group_member_use_friend_markname", (True, "show a member by the friend's markname")),
+        ("log_level", ("info", "debug info msg warn error fatal")),
+        ("log_path", (None, "log file (default: standard error)")),
+        ("cookie_path", (None, "cookie file (default: tmpdir/mojo_webqq_cookie_<account>.dat)")),
+        ("qrcode_path", (None, "QR file (default: tmpdir/mojo_webqq_qrcode_<account>.png)")),
+        ("pid_path", (None, "pid file (default: tmpdir/mojo_webqq_pid_<account>.pid)")),
+        ("state_path", (None, "state file (default: tmpdir/mojo_webqq_state_<account>.json)")),
+    ])
+
+    def __init__(self, **options):
+        unknown = set(options) - set(self.OPTIONS)
+        if unknown:
+            raise TypeError("unknown option: %s" % ", ".join(sorted(unknown)))
+        self.options = {name: default for name, (default, _) in self.OPTIONS.items()}
+        self.options.update(options)
+        opts = self.options
+        log = logging.getLogger("webqq")
+        if opts["log_path"] or not any(getattr(h, "webqq", False) for h in log.handlers):
+            log = configure_logging(opts["log_level"], opts["log_path"])
+        EventEmitter.__init__(self, log)
+        self.account = str(opts["account"])
+        self.tmpdir = opts["tmpdir"] or tempfile.gettempdir()
+        if not os.path.isdir(self.tmpdir):
+            os.makedirs(self.tmpdir, 0o700)
+        for kind, ext in (("cookie", "dat"), ("qrcode", "png"), ("pid", "pid"), ("state", "json")):
+            path = opts[kind + "_path"] or os.path.join(self.tmpdir, "mojo_webqq_%s_%s.%s" % (kind, self.account, ext))
+            setattr(self, kind + "_path", path)
+        self.send_interval = float(opts["send_interval"])
+        self.msg_ttl = int(opts["msg_ttl"])
+        self.version, self.pid, self.starttime = __version__, os.getpid(), int(time.time())
+        self.state, self.previous_state = "init", None
+        self.contacts = Contacts(opts["group_member_use_friend_markname"])
+        self.upstream = None
+        self.qrcode = None
+        self.exit_status = 0
+        self.send_failure_count = 0
+        self._cond = threading.Condition()  # guards state, _session, _stopping and the send queue
+        self._send_queue = collections.deque()
+        self._session = 0  # increases with every login: work of an older session is dropped
+        self._stopping = self._started = False
+        self._stop_event, self._stopped = threading.Event(), threading.Event()
+        self._relogin_event = threading.Event()
+        self._incoming = queue.Queue()
+        self._threads, self._plugins = [], []
+        self._refresh_lock = threading.RLock()
+        self._refreshed = {}
+        self._msg_id_lock = threading.Lock()
+        self._msg_id = (int(time.time()) % 10000) * 10000
+
+    @property
+    def stopping(self):
+        return self._stop_event.is_set()
+
+    @property
+    def user(self):
+        return self.contacts.user
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def set_upstream(self, upstream):
+        """Use this Upstream instance (before start())."""
+        self.upstream = upstream
+
+    def load(self, name, **options):
+        """Import plugins.<name> (or a dotted module path) and call its call(client, **options)."""
+        module_name = name if "." in name else "plugins." + name.lower()
+        try:
+            module = importlib.import_module(module_name)
+            handle = module.call(self, **options)
+        except Exception:
+            self.log.exception("插件[%s]加载失败 (plugin failed to load)", name)
+            return None
+        self._plugins.append((name, module, handle))
+        self.log.debug("插件[%s]已加载", name)
+        return module
+
+    def start(self):
+        """Begin: check the pid file, then log in on a thread of its own; returns at once."""
+        if self._started:
+            return
+        self._started = True
+        if self.upstream is None:
+            if self.options["upstream"] == "smartqq":
+                self.upstream = SmartQQ(self)
+            else:
+                self.load(self.options["upstream"], **(self.options["upstream_options"] or {}))
+                if self.upstream is None:
+                    self.log.error("upstream %s is not available", self.options["upstream"])
+                    self.stop(status=1)
+                    return
+        for mode in str(self.options["qrcode_display"] or "").split(","):
+            mode = mode.strip()
+            if mode in QR_DISPLAYS:
+                self.on("input_qrcode", QR_DISPLAYS[mode])
+                self.log.debug("二维码显示方式: %s", mode)
+        if not self._claim_pid_file():
+            self.stop(status=1)
+            return
+        self._save_state()
+        self._spawn("webqq-main", self._main)
+
+    def run(self):
+        """start(), then block until the client stops; the exit status."""
+        self.start()
+        try:
+            while not self._stopped.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            self.stop(reason="interrupted")
+        return self.exit_status
+
+    def stop(self, reason=None, status=0):
+        """Stop everything; returns when every thread of the client and its plugins has ended."""
+        with self._cond:
+            already, self._stopping = self._stopping, True
+            if not already:
+                self.exit_status = status
+                self._stopper = threading.current_thread()
+            self._cond.notify_all()
+        if already:
+            if threading.current_thread() is not self._stopper:
+                self._stopped.wait()
+            return
+        if reason:
+            (self.log.error if status else self.log.info)("%s", reason)
+        self._stop_event.set()
+        self._relogin_event.set()
+        self._incoming.put(None)
+        if self.upstream is not None:
+            self.upstream.close()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(15)
+                if thread.is_alive():
+                    self.log.error("thread %s did not stop", thread.name)
+        with self._cond:
+            pending, self._send_queue = list(self._send_queue), collections.deque()
+        for msg in pending:
+            self._finish_send(msg, -5, "客户端停止运行")
+        self.set_state("stop")
+        self.emit("stop")
+        for name, _, handle in reversed(self._plugins):
+            if hasattr(handle, "stop"):
+                try:
+                    handle.stop()
+                except Exception:
+                    self.log.exception("插件[%s]停止失败", name)
+        remove_file(self.qrcode_path)
+        if getattr(self, "_own_pid_file", False):
+            remove_file(self.pid_path)
+        self.log.info("客户端停止运行 (client stopped)")
+        self._stopped.set()
+
+    def relogin(self):
+        """Ask for a new login (the session is gone); returns at once."""
+        with self._cond:
+            if self.state != "running" or self._stopping:
+                return False
+        self.set_state("updating")
+        self._relogin_event.set()
+        return True
+
+    def sleep(self, seconds):
+        """Wait seconds; False when the client began stopping meanwhile."""
+        return not self._stop_event.wait(seconds)
+
+    def wait_for_state(self, *states, **kwargs):
+        """Block until the state is one of states (timeout= seconds); True if it is."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.state in states, kwargs.get("timeout"))
+
+    def set_state(self, new):
+        """Move to state new, rewrite the state file and emit state_change."""
+        with self._cond:
+            old = self.state
+            if old == new or old == "stop":
+                return
+            self.previous_state, self.state = old, new
+            self._cond.notify_all()
+        self._save_state()
+        self.emit("state_change", old, new)
+
+    def show_qrcode(self, png):
+        """A new QR code to scan: write it to qrcode_path and emit input_qrcode."""
+        self.qrcode = png
+        atomic_write(self.qrcode_path, png)
+        self.log.info("请使用手机QQ扫描二维码 (scan the QR code with the QQ app): %s", self.qrcode_path)
+        self.emit("input_qrcode", self.qrcode_path, png)
+
+    def client_info(self):
+        """What get_client_info reports."""
+        return {"account": self.account, "pid": self.pid, "starttime": self.starttime,
+                "runtime": int(time.time() - self.starttime), "os": PERL_OS.get(sys.platform, sys.platform),
+                "version": self.version, "log_level": self.options["log_level"],
+                "log_path": self.options["log_path"] or "", "log_encoding": None, "http_debug": 0}
+
+    def _spawn(self, name, target):
+        thread = threading.Thread(target=target, name=name)
+        thread.daemon = True
+        self._threads.append(thread)
+        thread.start()
+        return thread
+
+    # -- files ----------------------------------------------------------------
+
+    def _claim_pid_file(self):
+        try:
+            with open(self.pid_path) as f:
+                other = to_int(f.read().strip())
+        except OSError:
+            other = None
+        if other and other != self.pid and pid_alive(other):
+            self.log.error("检测到该账号有其他运行中的客户端(pid:%s), 请先将其关闭 "
+                           "(another client of account %s is running)", other, self.account)
+            return False
+        atomic_write(self.pid_path, str(self.pid), 0o644)
+        self._own_pid_file = True
+        return True
+
+    def _save_state(self):
+        opts = self.options
+        state = {
+            "account": self.account, "version": self.version, "start_time": self.starttime,
+            "mode": opts["mode"], "http_debug": 0, "log_encoding": None, "log_path": opts["log_path"],
+            "log_level": opts["log_level"], "log_console": 1, "disable_color": 1, "tmpdir": self.tmpdir,
+            "cookie_path": self.cookie_path, "qrcode_path": self.qrcode_path, "pid_path": self.pid_path,
+            "state_path": self.state_path, "keep_cookie": int(bool(opts["keep_cookie"])),
+            "ua_retry_times": 3, "qrcode_count_max": opts["qrcode_count_max"], "state": self.state,
+            "previous_state": self.previous_state, "pid": self.pid,
+            "os": PERL_OS.get(sys.platform, sys.platform), "upstream": opts["upstream"],
+            "plugin": [{"name": name, "priority": 0, "auto_call": 1, "call_on_load": 1}
+                       for name, _, _ in self._plugins]}
+        try:
+            atomic_write(self.state_path, json_dumps(state))
+        except OSError as e:
+            self.log.warning("状态文件写入失败 %s: %s", self.state_path, e)
+
+    # -- login ----------------------------------------------------------------
+
+    def _main(self):
+        try:
+            self.set_state("loading")
+            self._login()
+            for name, target in (("webqq-poll", self._poll_loop), ("webqq-dispatch", self._dispatch_loop),
+                                 ("webqq-send", self._send_loop), ("webqq-update", self._update_loop)):
+                self._spawn(name, target)
+            self._go_online()
+            while True:
+                self._relogin_event.wait()
+                if self.stopping:
+                    break
+                self._relogin_event.clear()
+                self._relogin()
+        except Stopped:
+            pass
+        except LoginFailed as e:
+            self.stop(reason="登录失败，客户端退出: %s" % e, status=1)
+        except Exception:
+            self.log.exception("unexpected error")
+            self.stop(reason="客户端异常退出 (unexpected error)", status=1)
+
+    def _login(self):
+        """Log in (retrying what can be retried), load the contacts, emit login."""
+        failures = 0
+        while True:
+            if self.stopping:
+                raise Stopped()
+            try:
+                is_scan = self.upstream.login()
+                self._load_contacts()
+                break
+            except (LoginFailed, TransportError, ApiError) as e:
+                if getattr(e, "fatal", False):
+                    raise
+                failures += 1
+                delay = min(60, 2 ** failures)
+                self.log.warning("%s; 将在%d秒后重试 (retrying in %d s)", e, delay, delay)
+                if not self.sleep(delay):
+                    raise Stopped()
+        self.qrcode = None
+        remove_file(self.qrcode_path)
+        self.log.info("帐号(%s)登录成功 (logged in)", self.upstream.uid)
+        self.emit("login", 1 if is_scan else 0)
+
+    def _load_contacts(self):
+        self.set_state("updating")
+        try:
+            self.contacts.set_user(self.upstream.fetch_user(), diff=False)
+        except (ApiError, TransportError) as e:
+            self.log.warning("更新个人信息失败: %s", e)
+            self.contacts.set_user(User(id=self.upstream.uid, uid=self.upstream.uid), diff=False)
+        ok = [self._refresh(kind, diff=False) for kind in ("friend", "group", "discuss")]
+        if not (ok[0] or ok[1]):
+            raise LoginFailed("好友和群组信息都无法获取 (no contacts)", fatal=False)
+
+    def _go_online(self):
+        with self._cond:
+            self._session += 1
+        self.set_state("running")
+        self.log.info("开始接收消息... (running)")
+
+    def _relogin(self):
+        self.log.warning("正在重新登录... (logging in again)")
+        self.upstream.interrupt()
+        self.upstream.logout()
+        self.contacts.clear()
+        self.send_failure_count = 0
+        try:
+            self._login()
+        except LoginFailed as e:
+            self.stop(reason="重新登录失败，客户端退出: %s" % e, status=1)
+            raise Stopped()
+        self.emit("relogin")
+        self._go_online()
+
+    # -- contacts -------------------------------------------------------------
+
+    def _refresh(self, kind, diff=True):
+        """Fetch one kind of contact list (friend, group, discuss) and store it; True if it worked."""
+        fetch = {"friend": self.upstream.fetch_friends, "group": self.upstream.fetch_groups,
+                 "discuss": self.upstream.fetch_discusses}[kind]
+        store = {"friend": self.contacts.set_friends, "group": self.contacts.set_groups,
+                 "discuss": self.contacts.set_discusses}[kind]
+        with self._refresh_lock:
+            self._refreshed[kind] = time.time()
+            try:
+                events = store(fetch(), diff=diff)
+            except (ApiError, TransportError) as e:
+                self.log.warning("更新%s信息失败 (refresh failed): %s", kind, e)
+                self.emit("model_update", kind, 0)
+                return False
+        for name, args in events:
+            if name == "new_group":
+                self.load_members(args[0], diff=False)
+            self.emit(name, *args)
+        self.emit("model_update", kind, 1)
+        return True
+
+    def _refresh_stale(self, kind, seconds=30):
+        """_refresh(kind) unless that was done in the last seconds."""
+        if time.time() - self._refreshed.get(kind, 0) >= seconds:
+            self._refresh(kind)
+
+    def load_members(self, group, diff=True):
+        """Fetch a group's detail and members; True if it worked."""
+        with self._refresh_lock:
+            try:
+                fields, members = self.upstream.fetch_group_detail(group)
+            except (ApiError, TransportError) as e:
+                self.log.warning("更新群[%s]成员失败: %s", group.name, e)
+                return False
+            events = self.contacts.set_group_members(group, fields, members, diff=diff)
+        for name, args in events:
+            self.emit(name, *args)
+        return True
+
+    def ensure_members(self, group):
+        """Make sure a group's members are loaded (fetching them now if not)."""
+        if not group.members_loaded:
+            self.load_members(group)
+        return group.members_loaded
+
+    def _update_loop(self):
+        interval = float(self.options["update_interval"])
+        while self.wait_for_state("running", "stop") and not self.stopping:
+            with self._cond:
+                session = self._session
+            if self.options["load_members"]:
+                for group in self.contacts.groups():
+                    if not self._current(session):
+                        break
+                    if not group.members_loaded:
+                        self.load_members(group, diff=False)
+            deadline = time.time() + interval
+            with self._cond:
+                self._cond.wait_for(lambda: not self._current(session) or time.time() >= deadline,
+                                    max(0.0, deadline - time.time()))
+            if not self._current(session):
+                continue
+            ok = [self._refresh(kind) for kind in ("friend", "group", "discuss")]
+            for group in self.contacts.groups():
+                if self._current(session) and group.members_loaded:
+                    self.load_members(group)
+            if not (ok[0] or ok[1]):
+                self.relogin()
+
+    def _current(self, session):
+        """True while the client runs the login it ran when session was read."""
+        return self.state == "running" and self._session == session and not self._stopping
+
+    # -- receiving ------------------------------------------------------------
+
+    def _poll_loop(self):
+        failures = 0
+        while self.wait_for_state("running", "stop") and not self.stopping:
+            with self._cond:
+                session = self._session
+            started = time.time()
+            try:
+                items = self.upstream.poll()
+                failures = 0
+            except NeedRelogin as e:
+                if self._current(session):
+                    self.log.warning("%s", e)
+                    self.relogin()
+                continue
+            except Stopped:
+                break
+            except TransportError as e:
+                if self.stopping:
+                    break
+                failures += 1
+                if self._current(session):
+                    self.log.debug("poll: %s", e)
+                self.sleep(min(30, 0.5 * 2 ** min(failures, 6)))
+                continue
+            except Exception:
+                self.log.exception("poll failed")
+                self.sleep(1)
+                continue
+            if not self._current(session):
+                continue
+            for item in items:
+                self._incoming.put(item)
+            if not items and time.time() - started < 0.5:
+                self.sleep(0.5)
+
+    def _dispatch_loop(self):
+        while True:
+            item = self._incoming.get()
+            if item is None:
+                break
+            try:
+                self._dispatch(item)
+            except Exception:
+                self.log.exception("dispatch of %s failed", item.get("kind"))
+
+    def _dispatch(self, item):
+        kind = item["kind"]
+        if kind == "state":
+            friend = self.contacts.friend(item["id"])
+            if friend is not None:
+                old = friend.state
+                self.contacts.set_friend_state(item["id"], item["state"], item.get("client_type"))
+                self.emit("friend_state_change", friend)
+                if old != friend.state:
+                    self.emit("friend_property_change", friend, "state", old, friend.state)
+        elif kind == "kick":
+            self.stop(reason="%s，客户端停止运行 (logged out by the server)" % item["reason"], status=1)
+        elif kind == "message":
+            msg = self._resolve(item)
+            if msg is not None:
+                self.emit("send_message" if msg.cls == "send" else "receive_message", msg)
+
+    def _resolve(self, item):
+        """A received message with its sender, receiver, group or discuss; None to drop it."""
+        c, t, sender_id = self.contacts, item["type"], item.get("sender_id")
+        msg = Message(id=item.get("id"), type=t, cls="recv", time=item.get("time"),
+                      content=item.get("content"), raw_content=item.get("raw_content"), receiver=c.user)
+        if t == "friend_message":
+            msg.sender = self._find(c.friend, sender_id, "friend") or Friend(
+                id=sender_id, name="昵称未知", category="陌生人", placeholder=True)
+            if sender_id == c.user.id:
+                msg.receiver = c.friend(item.get("receiver_id"))
+        elif t in ("group_message", "discuss_message") or item.get("via"):
+            in_group = t == "group_message" or item.get("via") == "group"
+            container = self._find(c.group if in_group else c.discuss,
+                                   item.get("group_id" if in_group else "discuss_id"),
+                                   "group" if in_group else "discuss")
+            if container is None:
+                self.log.debug("dropped a message from an unknown %s", "group" if in_group else "discuss")
+                return None
+            if in_group:
+                msg.group = container
+                self.ensure_members(container)
+            else:
+                msg.discuss = container
+            msg.sender = self._find_member(container, sender_id, in_group, item.get("sender_uid"))
+            if t == "sess_message":
+                msg.via = item["via"]
+            else:
+                me = self._member(container, c.user.id)
+                msg.receiver = me if me is not None else c.user
+        if str(msg.sender.id) == str(c.user.id):
+            if not self.options["allow_message_sync"]:
+                return None
+            msg.cls, msg.source, msg.from_ = "send", "outer", "outer"
+            msg.finish(0, "来自其他设备")
+            if t == "group_message":
+                msg.receiver = None
+        elif msg.sender.placeholder and self.options["ignore_unknown_id"]:
+            self.log.debug("dropped a message from unknown sender %s", sender_id)
+            return None
+        return msg
+
+    def _find(self, lookup, id, kind):
+        """lookup(id), refreshing that kind of contact once if it is missing."""
+        found = lookup(id)
+        if found is None and id is not None:
+            self._refresh_stale(kind)
+            found = lookup(id)
+        return found
+
+    @staticmethod
+    def _member(container, id):
+        for m in container.members:
+            if str(m.id) == str(id):
+                return m
+        return None
+
+    def _find_member(self, container, id, in_group, uid=None):
+        member = self._member(container, id)
+        if member is None and in_group and time.time() - self._refreshed.get(("members", container.id), 0) > 30:
+            self._refreshed[("members", container.id)] = time.time()
+            self.load_members(container)
+            member = self._member(container, id)
+        if member is None and not in_group:
+            self._refresh_stale("discuss")
+            member = self._member(container, id)
+        if member is None:
+            cls = GroupMember if in_group else DiscussMember
+            member = cls(id=id if in_group else str(id), name="昵称未知", uid=uid, placeholder=True)
+            setattr(member, "group" if in_group else "discuss", container)
+        return member
+
+    # -- sending --------------------------------------------------------------
+
+    def _next_msg_id(self):
+        with self._msg_id_lock:
+            self._msg_id += 1
+            return self._msg_id
+
+    def _enqueue(self, type, content, source, callback, **fields):
+        if content is None or str(content) == "":
+            raise ValueError("content missing")
+        content = str(content)
+        if not self.options["default_send_real_comp_sign"]:
+            content = content.replace("<", "＜").replace(">", "＞")
+        msg = Message(id=self._next_msg_id(), type=type, cls="send", content=content, from_=source,
+                      source="local", ttl=self.msg_ttl, callback=callback, **fields)
+        self.emit("before_send_message", msg)
+        with self._cond:
+            if not self._stopping:
+                self._send_queue.append(msg)
+                self._cond.notify_all()
+                return msg
+        self._finish_send(msg, -5, "客户端停止运行")
+        return msg
+
+    def send_friend_message(self, friend, content, source="code", callback=None):
+        """Queue a message to a friend; the Message (see Message.wait)."""
+        return self._enqueue("friend_message", content, source, callback, sender=self.user, receiver=friend)
+
+    def send_group_message(self, group, content, source="code", callback=None):
+        me = self._member(group, self.user.id)
+        return self._enqueue("group_message", content, source, callback,
+                             sender=me if me is not None else self.user, group=group)
+
+    def send_discuss_message(self, discuss, content, source="code", callback=None):
+        me = self._member(discuss, self.user.id)
+        return self._enqueue("discuss_message", content, source, callback,
+                             sender=me if me is not None else self.user, discuss=discuss)
+
+    def send_sess_message(self, member, content, source="code", callback=None):
+        """Queue a temporary-session message to a GroupMember or DiscussMember."""
+        in_group = isinstance(member, GroupMember)
+        return self._enqueue("sess_message", content, source, callback, sender=self.user, receiver=member,
+                             via="group" if in_group else "discuss",
+                             group=member.group if in_group else None,
+                             discuss=None if in_group else member.discuss)
+
+    def reply_message(self, msg, content, source="code", callback=None):
+        """Queue a reply to where msg came from (or went to, for a sent message)."""
+        other = msg.sender if msg.cls == "recv" else msg.receiver
+        if msg.type == "group_message":
+            return self.send_group_message(msg.group, content, source, callback)
+        if msg.type == "discuss_message":
+            return self.send_discuss_message(msg.discuss, content, source, callback)
+        if msg.type == "sess_message":
+            return self.send_sess_message(other, content, source, callback)
+        return self.send_friend_message(other, content, source, callback)
+
+    def _send_loop(self):
+        last = None
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or (self._send_queue and self.state == "running"))
+                if self._stopping:
+                    break
+                msg = self._send_queue.popleft()
+            if msg.ttl <= 0:
+                self._finish_send(msg, -5, "TTL失效")
+                continue
+            msg.ttl -= 1
+            if last is not None and not self.sleep(max(0.0, last + self.send_interval - time.time())):
+                with self._cond:
+                    self._send_queue.appendleft(msg)
+                break
+            msg.time = int(time.time())
+            try:
+                code, info = self.upstream.send(msg)
+            except Exception:
+                self.log.exception("send failed")
+                code, info = -1, "数据格式错误"
+            last = time.time()
+            if code == 0:
+                self.send_failure_count = 0
+                self._finish_send(msg, code, info)
+                continue
+            if code == -3:
+                self.send_failure_count += 1
+                if self.send_failure_count >= self.options["send_failure_count_max"]:
+                    self.send_failure_count = 0
+                    self.relogin()
+            if msg.ttl > 0 and not (msg.type == "discuss_message" and code == -3):
+                self.log.debug("消息[%s]发送失败 (%s)，重试", msg.id, info)
+                with self._cond:
+                    self._send_queue.append(msg)
+            else:
+                self._finish_send(msg, code, info)
+
+    def _finish_send(self, msg, code, info):
+        msg.finish(code, info)
+        if msg.callback is not None:
+            try:
+                msg.callback(msg)
+            except Exception:
+                self.log.exception("send callback failed")
+        self.emit("send_message", msg)
+
+    # -- group admin ----------------------------------------------------------
+
+    def shutup_group_member(self, group, members, seconds):
+        """Mute members of group for seconds; True on success."""
+        return bool(members) and self.upstream.shutup(group, members, seconds)
+
+    def kick_group_member(self, group, members):
+        """Remove members from group; True on success (and lose_group_member for each)."""
+        if not (members and self.upstream.kick(group, members)):
+            return False
+        for member in members:
+            for name, args in self.contacts.remove_group_member(group, member.id):
+                self.emit(name, *args)
+        return True
+
+
+PERL_OS = {"linux": "linux", "win32": "MSWin32", "cygwin": "cygwin", "darwin": "darwin"}
+
+###############################################################################
+# 9. QR display
+###############################################################################
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _unfilter(kind, line, prev, bpp):
+    """Undo one PNG scanline filter in place."""
+    if kind == 1:
+        for i in range(bpp, len(line)):
+            line[i] = (line[i] + line[i - bpp]) & 0xFF
+    elif kind == 2:
+        for i in range(len(line)):
+            line[i] = (line[i] + prev[i]) & 0xFF
+    elif kind == 3:
+        for i in range(len(line)):
+            left = line[i - bpp] if i >= bpp else 0
+            line[i] = (line[i] + ((left + prev[i]) >> 1)) & 0xFF
+    elif kind == 4:
+        for i in range(len(line)):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            p = a + b - c
+            pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+            line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 0xFF
+    elif kind != 0:
+        raise ValueError("bad PNG filter %d" % kind)
+
+
+def decode_png(data):
+    """(width, height, rows): a non-interlaced PNG as rows of grey levels 0-255, alpha over white."""
+    if data[:8] != PNG_SIGNATURE:
+        raise ValueError("not a PNG")
+    pos, idat, palette, header = 8, [], None, None
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        chunk = data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", chunk)
+        elif kind == b"PLTE":
+            palette = [tuple(chunk[i:i + 3]) for i in range(0, len(chunk), 3)]
+        elif kind == b"IDAT":
+            idat.append(chunk)
+        elif kind == b"IEND":
+            break
+    if header is None:
+        raise ValueError("PNG without IHDR")
+    width, height, depth, color, _, _, interlace = header
+    if interlace or color not in (0, 2, 3, 4, 6) or (color == 3 and not palette):
+        raise ValueError("unsupported PNG (color type %d, interlace %d)" % (color, interlace))
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[color]
+    bits = channels * depth
+    stride, bpp = (width * bits + 7) // 8, max(1, bits // 8)
+    raw = zlib.decompress(b"".join(idat))
+    top = (1 << depth) - 1
+    rows, prev = [], bytearray(stride)
+    for y in range(height):
+        start = y * (stride + 1)
+        line = bytearray(raw[start + 1:start + 1 + stride])
+        _unfilter(raw[start], line, prev, bpp)
+        prev = line
+        if depth < 8:
+            samples = [(line[i * depth // 8] >> (8 - depth - (i * depth) % 8)) & top for i in range(width * channels)]
+        else:
+            step = depth // 8
+            samples = line[::step]
+        row = []
+        for x in range(width):
+            s = samples[x * channels:(x + 1) * channels]
+            if color == 3:
+                r, g, b = palette[s[0]]
+                grey = (r * 299 + g * 587 + b * 114) // 1000
+            elif color in (2, 6):
+                grey = (s[0] * 299 + s[1] * 587 + s[2] * 114) // 1000
+            else:
+                grey = s[0] * 255 // top if depth < 8 else s[0]
+            if color in (4, 6):
+                alpha = s[-1]
+                grey = (grey * alpha + 255 * (255 - alpha)) // 255
+            row.append(grey)
+        rows.append(row)
+    return width, height, rows
+
+
+def qr_matrix(png):
+    """The QR code in a PNG as rows of booleans (True = dark module), found from its finder pattern."""
+    width, height, rows = decode_png(png)
+    dark = [[v < 128 for v in row] for row in rows]
+    ys = [y for y in range(height) if any(dark[y])]
+    if not ys:
+        raise ValueError("no QR code in the image")
+    y0, y1 = ys[0], ys[-1]
+    x0 = dark[y0].index(True)
+    x1 = max(len(row) - 1 - row[::-1].index(True) for row in dark if any(row))
+    run = 0
+    while x0 + run < width and dark[y0][x0 + run]:
+        run += 1
+    module = run / 7.0
+    size = int(round((x1 - x0 + 1) / module))
+    if size < 21 or module < 1:
+        raise ValueError("no QR finder pattern in the image")
+    return [[dark[min(y1, int(y0 + (j + 0.5) * module))][min(x1, int(x0 + (i + 0.5) * module))]
+             for i in range(size)] for j in range(size)]
+
+
+def draw_qrcode(matrix, ascii=False, quiet=2):
+    """Text drawing of a QR matrix for a dark terminal: light modules are drawn, dark ones left blank.
+
+    Half blocks put two module rows on one text line; ascii draws each module as "@@" or "  ".
+    """
+    width = len(matrix[0]) + 2 * quiet
+    light = [[True] * width for _ in range(quiet)]
+    light += [[True] * quiet + [not d for d in row] + [True] * quiet for row in matrix]
+    light += [[True] * width for _ in range(quiet)]
+    if ascii:
+        return "\n".join("".join("@@" if cell else "  " for cell in row) for row in light) + "\n"
+    if len(light) % 2:
+        light.append([False] * len(light[0]))
+    blocks = {(True, True): "\u2588", (True, False): "\u2580", (False, True): "\u2584", (False, False): " "}
+    return "\n".join("".join(blocks[(a, b)] for a, b in zip(light[y], light[y + 1]))
+                     for y in range(0, len(light), 2)) + "\n"
+
+
+def can_encode(stream, text):
+    """True when stream's encoding can write text."""
+    try:
+        text.encode(getattr(stream, "encoding", None) or "ascii")
+        return True
+    except (UnicodeEncodeError, LookupError):
+        return False
+
+
+def show_qrcode_in_terminal(path, png, stream=None):
+    """input_qrcode handler: draw the QR on standard output (ASCII where blocks can't be encoded)."""
+    stream = stream or sys.stdout
+    try:
+        text = draw_qrcode(qr_matrix(png), ascii=not can_encode(stream, "\u2588\u2580\u2584"))
+    except ValueError as e:
+        logging.getLogger("webqq").warning("二维码无法在终端显示 (%s)，请打开 %s", e, path)
+        return
+    stream.write(text)
+    stream.flush()
+
+
+def open_qrcode_in_viewer(path, png=None):
+    """input_qrcode handler: open the QR file with the desktop's image viewer, if there is one."""
+    import subprocess
+    log = logging.getLogger("webqq")
+    try:
+        if os.name == "nt":
+            os.startfile(path)
+        elif sys.platform == "darwin":
+            subprocess.Popen(["open", path])
+        elif os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+            subprocess.Popen(["xdg-open", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            log.debug("no desktop: the QR code is at %s", path)
+    except OSError as e:
+        log.warning("无法打开二维码图片 (%s): %s", e, path)
+
+
+QR_DISPLAYS = {"terminal": show_qrcode_in_terminal, "viewer": open_qrcode_in_viewer}
+
+###############################################################################
+# 10. Config and CLI
+###############################################################################
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIG_NAME = "webqq.ini"
+
+
+def parse_listen(text):
+    """"host:port" (or ":port", "port", "[::1]:port") as an Openqq listen entry."""
+    text = str(text).strip()
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit():
+        raise ValueError("listen address %r is not host:port" % text)
+    return {"host": host, "port": int(port)}
+
+
+def convert_option(name, text, default):
+    """A config-file string converted to the type of the option's default."""
+    if isinstance(default, bool):
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("%s must be true or false, not %r" % (name, text))
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(text)
+        except ValueError:
+            raise ValueError("%s must be a number, not %r" % (name, text))
+    if isinstance(default, dict):
+        return json.loads(text)
+    return text if text != "" else default
+
+
+def read_config(path):
+    """(client options, [(plugin, options)]) from an INI file: [webqq] and one section per plugin."""
+    parser = configparser.ConfigParser(interpolation=None)
+    with open(path, encoding="utf-8-sig") as f:
+        parser.read_file(f)
+    options, plugins = {}, []
+    for section in parser.sections():
+        values = dict(parser.items(section))
+        if section == "webqq":
+            for name, text in values.items():
+                if name not in Client.OPTIONS:
+                    raise ValueError("%s: unknown option %r in [webqq]" % (path, name))
+                options[name] = convert_option(name, text, Client.OPTIONS[name][0])
+        else:
+            plugins.append((section, {k: json.loads(v) if v[:1] in "[{" else v for k, v in values.items()}))
+    return options, plugins
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="webqq", description="A QQ client serving the Openqq HTTP API of Mojo-Webqq.")
+    parser.add_argument("--version", action="version", version="webqq " + __version__)
+    start = parser.add_argument_group("starting")
+    start.add_argument("--demo", action="store_true",
+                       help="run against the built-in simulator (QR scanned automatically)")
+    start.add_argument("-c", "--config", help="INI file (default: %s next to webqq.py, if there)" % CONFIG_NAME)
+    client = parser.add_argument_group("client")
+    client.add_argument("--account", help="instance name, used in file names")
+    client.add_argument("--tmpdir", help="folder for the cookie, pid, QR and state files")
+    client.add_argument("--upstream", help="smartqq (default) or onebot")
+    client.add_argument("--smartqq-base", help="send every *.qq.com request to this base URL")
+    client.add_argument("--send-interval", type=float, help="seconds between two sends (default 3)")
+    client.add_argument("--qrcode-display", help="terminal, viewer, none (comma-separated)")
+    api = parser.add_argument_group("Openqq API")
+    api.add_argument("--listen", action="append", metavar="HOST:PORT", help="API address (default 127.0.0.1:5000)")
+    api.add_argument("--post-api", metavar="URL", help="POST every message and event to this URL")
+    api.add_argument("--access-token", metavar="TOKEN", help="require this token on every API request")
+    api.add_argument("--no-openqq", action="store_true", help="do not serve the Openqq API")
+    logs = parser.add_argument_group("logging")
+    logs.add_argument("--log-level", help="debug info msg warn error fatal")
+    logs.add_argument("--log-path", help="log file (default: standard error)")
+    return parser
+
+
+def load_simulator():
+    """The simulator module scripts/smartqq_sim.py next to this file."""
+    import importlib.util
+    path = os.path.join(HERE, "scripts", "smartqq_sim.py")
+    spec = importlib.util.spec_from_file_location("smartqq_sim", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None):
+    """The command line: options from the config file, then flags; runs until stopped."""
+    args = build_parser().parse_args(argv)
+    config = args.config or (os.path.join(HERE, CONFIG_NAME) if os.path.exists(os.path.join(HERE, CONFIG_NAME))
+                             else None)
+    options, plugins = read_config(config) if config else ({}, [("showmsg", {}), ("openqq", {})])
+    for name in ("account", "tmpdir", "upstream", "smartqq_base", "send_interval", "qrcode_display",
+                 "log_level", "log_path"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    plugins = [(name, opts) for name, opts in plugins if not (args.no_openqq and name == "openqq")]
+    for name, opts in plugins:
+        if name == "openqq":
+            if args.listen:
+                opts["listen"] = [parse_listen(text) for text in args.listen]
+            if args.post_api:
+                opts["post_api"] = args.post_api
+            if args.access_token:
+                opts["access_token"] = args.access_token
+    sim = None
+    if args.demo:
+        sim = start_demo(options)
+    client = Client(**options)
+    for name, opts in plugins:
+        client.load(name, **opts)
+    try:
+        import signal
+        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
+            target=client.stop, name="webqq-signal", kwargs={"reason": "terminated"}).start())
+    except (ImportError, ValueError, AttributeError):
+        pass
+    try:
+        return client.run()
+    finally:
+        if sim is not None:
+            sim.stop()
+
+
+def start_demo(options):
+    """Start the simulator in-process with a world to talk to; point options at it."""
+    module = load_simulator()
+    sim = module.Simulator(auto_scan=2.0, poll_hold=20.0)
+    sim.start()
+    options.setdefault("account", "demo")
+    options.update(smartqq_base=sim.url, qr_check_interval=1.0)
+    options.setdefault("send_interval", 1.0)
+    logging.getLogger("webqq").info("demo: the simulated QQ service runs at %s (it scans the QR by itself)", sim.url)
+    return sim
+
+
+if __name__ == "__main__":
+    sys.exit(main())
