@@ -803,8 +803,7 @@ class Contacts(object):
 
     def set_friends(self, friends, diff=True):
         with self.lock:
-            merged, events = self._merge(self._friends, friends, "friend")
-            self._friends = merged if diff else list(friends)
+            self._friends, events = self._merge(self._friends, friends, "friend")
             self._reindex()
             return events if diff else []
 
@@ -813,15 +812,14 @@ class Contacts(object):
         with self.lock:
             for g in groups:
                 g.contacts = self
-            merged, events = self._merge(self._groups, groups, "group")
-            self._groups = merged if diff else list(groups)
+            self._groups, events = self._merge(self._groups, groups, "group")
             self._reindex()
             return events if diff else []
 
-    def set_group_members(self, group, fields, members, diff=True):
-        """Store a group's detail fields (a dict) and members; diffs only once loaded before."""
+    def set_group_members(self, group, fields, members):
+        """Store a group's detail fields (a dict) and members; events only once loaded before."""
         with self.lock:
-            diff = diff and group.members_loaded
+            diff = group.members_loaded
             events = []
             for name, value in fields.items():
                 old = getattr(group, name)
@@ -831,8 +829,7 @@ class Contacts(object):
                 events.append(("group_property_change", (group, name, old, value)))
             for m in members:
                 m.group = group
-            merged, member_events = self._merge(group.members, members, "group_member", group)
-            group.members = merged if diff else list(members)
+            group.members, member_events = self._merge(group.members, members, "group_member", group)
             group.members_loaded = True
             self.changed()
             return events + member_events if diff else []
@@ -851,8 +848,7 @@ class Contacts(object):
                         m.discuss = old
                     old.members, member_events = self._merge(old.members, d.members, "discuss_member", old)
                     events.extend(member_events)
-            merged, list_events = self._merge(self._discusses, discusses, "discuss")
-            self._discusses = merged if diff else list(discusses)
+            self._discusses, list_events = self._merge(self._discusses, discusses, "discuss")
             self._reindex()
             return list_events + events if diff else []
 
@@ -1092,7 +1088,6 @@ class Upstream(object):
     """What a backend implements for the client (docs/internals.md lists the contract)."""
 
     name = "upstream"
-    OPTIONS = {}  # client options this upstream adds, with their defaults
 
     def __init__(self, client):
         self.client = client
@@ -1867,7 +1862,7 @@ class Client(EventEmitter):
         """start(), then block until the client stops; the exit status."""
         self.start()
         try:
-            while not self._stopped.wait(0.5):
+            while not self.join(0.5):
                 pass
         except KeyboardInterrupt:
             self.stop(reason="interrupted")
@@ -1915,6 +1910,10 @@ class Client(EventEmitter):
         self.log.info("客户端停止运行 (client stopped)")
         self._stopped.set()
 
+    def join(self, timeout=None):
+        """Wait until the client has stopped completely; True if it has."""
+        return self._stopped.wait(timeout)
+
     def relogin(self):
         """Ask for a new login (the session is gone); returns at once."""
         with self._cond:
@@ -1940,8 +1939,8 @@ class Client(EventEmitter):
             if old == new or old == "stop":
                 return
             self.previous_state, self.state = old, new
+            self._save_state()
             self._cond.notify_all()
-        self._save_state()
         self.emit("state_change", old, new)
 
     def show_qrcode(self, png):
@@ -2095,7 +2094,7 @@ class Client(EventEmitter):
                 return False
         for name, args in events:
             if name == "new_group":
-                self.load_members(args[0], diff=False)
+                self.ensure_members(args[0])
             self.emit(name, *args)
         self.emit("model_update", kind, 1)
         return True
@@ -2105,23 +2104,24 @@ class Client(EventEmitter):
         if time.time() - self._refreshed.get(kind, 0) >= seconds:
             self._refresh(kind)
 
-    def load_members(self, group, diff=True):
-        """Fetch a group's detail and members; True if it worked."""
+    def load_members(self, group):
+        """Fetch a group's detail and members (events once they were loaded before); True if it worked."""
         with self._refresh_lock:
             try:
                 fields, members = self.upstream.fetch_group_detail(group)
             except (ApiError, TransportError) as e:
                 self.log.warning("更新群[%s]成员失败: %s", group.name, e)
                 return False
-            events = self.contacts.set_group_members(group, fields, members, diff=diff)
+            events = self.contacts.set_group_members(group, fields, members)
         for name, args in events:
             self.emit(name, *args)
         return True
 
     def ensure_members(self, group):
         """Make sure a group's members are loaded (fetching them now if not)."""
-        if not group.members_loaded:
-            self.load_members(group)
+        with self._refresh_lock:
+            if not group.members_loaded:
+                self.load_members(group)
         return group.members_loaded
 
     def _update_loop(self):
@@ -2133,8 +2133,7 @@ class Client(EventEmitter):
                 for group in self.contacts.groups():
                     if not self._current(session):
                         break
-                    if not group.members_loaded:
-                        self.load_members(group, diff=False)
+                    self.ensure_members(group)
             deadline = time.time() + interval
             with self._cond:
                 self._cond.wait_for(lambda: not self._current(session) or time.time() >= deadline,
