@@ -1758,6 +1758,7 @@ class Client(EventEmitter):
         ("default_send_real_comp_sign", (False, "send < and > as they are (else as ＜ ＞)")),
         ("group_member_card_cut_length", (21, "cut group cards to this many UTF-8 bytes")),
         ("group_member_use_friend_markname", (True, "show a member by the friend's markname")),
+        ("controller_pid", (None, "stop when the process with this pid (a controller) is gone")),
         ("log_level", ("info", "debug info msg warn error fatal")),
         ("log_path", (None, "log file (default: standard error)")),
         ("cookie_path", (None, "cookie file (default: tmpdir/mojo_webqq_cookie_<account>.dat)")),
@@ -1857,6 +1858,8 @@ class Client(EventEmitter):
             return
         self._save_state()
         self._spawn("webqq-main", self._main)
+        if self.options["controller_pid"]:
+            self._spawn("webqq-watchdog", self._watch_controller)
 
     def run(self):
         """start(), then block until the client stops; the exit status."""
@@ -1963,6 +1966,13 @@ class Client(EventEmitter):
         self._threads.append(thread)
         thread.start()
         return thread
+
+    def _watch_controller(self):
+        pid = int(self.options["controller_pid"])
+        while self.sleep(2.0):
+            if not pid_alive(pid):
+                self.stop(reason="控制器(pid:%d)已退出，客户端停止运行 (the controller is gone)" % pid)
+                break
 
     # -- files ----------------------------------------------------------------
 
@@ -2208,6 +2218,9 @@ class Client(EventEmitter):
                 self.emit("friend_state_change", friend)
                 if old != friend.state:
                     self.emit("friend_property_change", friend, "state", old, friend.state)
+        elif kind == "apply":
+            for name, args in item["fn"]() or ():
+                self.emit(name, *args)
         elif kind == "kick":
             self.stop(reason="%s，客户端停止运行 (logged out by the server)" % item["reason"], status=1)
         elif kind == "message":

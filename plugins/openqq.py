@@ -361,10 +361,12 @@ class Guard(object):
     def cors_headers(self, req, preflight=False):
         """The Access-Control-* headers for an allowed browser request."""
         origin = req.headers.get("origin")
-        if origin is None and "*" not in self.allow_origin:
+        if "*" in self.allow_origin:
+            origin = "*"
+        elif origin is None or not (origin.rstrip("/").lower() == self.own_origin(req)
+                                    or self.allowed(origin.rstrip("/").lower())):
             return []
-        headers = [("Access-Control-Allow-Origin", "*" if "*" in self.allow_origin else origin),
-                   ("Vary", "Origin")]
+        headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
         if preflight:
             headers += [("Access-Control-Allow-Methods", CORS_METHODS),
                         ("Access-Control-Allow-Headers", CORS_HEADERS),
@@ -1167,7 +1169,8 @@ class Server(ThreadingHTTPServer):
 
     def close(self):
         """Stop accepting, cut every open connection, and wait for the connection threads."""
-        self.shutdown()
+        if self.thread.is_alive():
+            self.shutdown()
         self.server_close()
         with self.active_lock:
             active = list(self.active.items())
@@ -1367,7 +1370,7 @@ class Openqq(object):
             self.report(payload, msg)
         elif name in self.events:
             if name == "input_qrcode":
-                params = [args[0], base64.encodebytes(args[1]).decode("ascii")] + list(args[2:3])
+                params = [args[0], base64.encodebytes(args[1]).decode("ascii")]
             else:
                 params = jsonable(list(args))
             payload = {"post_type": "event", "event": name, "params": params}
