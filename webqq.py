@@ -265,8 +265,31 @@ SECRET_PARAMS = frozenset((
 ))
 
 
+NO_PROXIES = {"http": None, "https": None}  # requests: ignore the environment's proxies for this call
+
+
+def is_loopback(host):
+    """True for localhost and loopback addresses (requests to them never go through a proxy)."""
+    host = (host or "").strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        import ipaddress
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class TransportError(Exception):
-    """An upstream request that got no HTTP answer (refused, reset, timed out)."""
+    """An upstream request that got no HTTP answer (refused, reset, timed out).
+
+    `timed_out` is true when the server accepted the request and then stayed silent: it may
+    have acted on it, so the request is not safe to repeat blindly.
+    """
+
+    def __init__(self, text, timed_out=False):
+        Exception.__init__(self, text)
+        self.timed_out = timed_out
 
 
 class Response(object):
@@ -352,8 +375,11 @@ def _requests_session(tracker, jar):
     return session
 
 
-def _urllib_opener(tracker, jar):
-    """A urllib opener that keeps cookies in jar, never follows redirects and tracks sockets."""
+def _urllib_opener(tracker, jar, proxies=None):
+    """A urllib opener that keeps cookies in jar, never follows redirects and tracks sockets.
+
+    proxies=None uses the environment's proxy settings; {} uses none.
+    """
 
     def tracked(base):
         class Tracked(base):
@@ -377,7 +403,8 @@ def _urllib_opener(tracker, jar):
             return None
 
     return urllib.request.build_opener(
-        HTTPHandler(), HTTPSHandler(), NoRedirect(), urllib.request.HTTPCookieProcessor(jar))
+        urllib.request.ProxyHandler(proxies), HTTPHandler(), HTTPSHandler(), NoRedirect(),
+        urllib.request.HTTPCookieProcessor(jar))
 
 
 class Http(object):
@@ -397,9 +424,11 @@ class Http(object):
         self.user_agent = user_agent
         self._tracker = _SocketTracker()
         if requests is not None:
-            self._session, self._opener = _requests_session(self._tracker, self.jar), None
+            self._session = _requests_session(self._tracker, self.jar)
         else:
-            self._session, self._opener = None, _urllib_opener(self._tracker, self.jar)
+            self._session = None
+            self._opener = _urllib_opener(self._tracker, self.jar)
+            self._local_opener = _urllib_opener(self._tracker, self.jar, proxies={})
 
     def route(self, url):
         """The URL actually requested for url: rewritten to base for qq.com hosts."""
@@ -450,16 +479,17 @@ class Http(object):
         raise TransportError("too many redirects: " + redact_url(url))
 
     def _send(self, method, url, data, headers, timeout):
+        local = is_loopback(urllib.parse.urlsplit(url).hostname)
         try:
             if self._session is not None:
                 r = self._session.request(method, url, data=data, headers=headers,
-                                          timeout=(min(10.0, timeout), timeout),
-                                          allow_redirects=False)
+                                          timeout=(min(10.0, timeout), timeout), allow_redirects=False,
+                                          proxies=NO_PROXIES if local else None)
                 return Response(r.status_code, {k.lower(): v for k, v in r.headers.items()},
                                 r.content, url)
             req = urllib.request.Request(url, data=data, headers=headers, method=method)
             try:
-                f = self._opener.open(req, timeout=timeout)
+                f = (self._local_opener if local else self._opener).open(req, timeout=timeout)
             except urllib.error.HTTPError as e:
                 f = e
             with f:
@@ -468,7 +498,10 @@ class Http(object):
         except TransportError:
             raise
         except Exception as e:  # requests / urllib / socket errors all mean "no answer"
-            raise TransportError("%s %s: %s" % (method, redact_url(url), e.__class__.__name__))
+            name = e.__class__.__name__
+            timed_out = name in ("ReadTimeout", "timeout", "TimeoutError") or (
+                isinstance(getattr(e, "reason", None), socket.timeout))
+            raise TransportError("%s %s: %s" % (method, redact_url(url), name), timed_out)
 
     def abort(self):
         """Break every request in progress (they raise TransportError); the Http stays usable."""
@@ -1801,7 +1834,8 @@ class Client(EventEmitter):
         self._stop_event, self._stopped = threading.Event(), threading.Event()
         self._relogin_event = threading.Event()
         self._incoming = queue.Queue()
-        self._threads, self._plugins = [], []
+        self._threads = []
+        self.plugins = []  # (name, plugin) in load order
         self._refresh_lock = threading.RLock()
         self._refreshed = {}
         self._msg_id_lock = threading.Lock()
@@ -1822,17 +1856,32 @@ class Client(EventEmitter):
         self.upstream = upstream
 
     def load(self, name, **options):
-        """Import plugins.<name> (or a dotted module path) and call its call(client, **options)."""
+        """Import plugins.<name> (or a dotted module path) and call its call(client, **options).
+
+        Returns the plugin: what call() returned, or the module when that is None; None when
+        loading failed (logged; the client carries on without it).
+        """
         module_name = name if "." in name else "plugins." + name.lower()
         try:
             module = importlib.import_module(module_name)
-            handle = module.call(self, **options)
+            plugin = module.call(self, **options)
+        except (OSError, ValueError, TypeError) as e:
+            self.log.error("插件[%s]加载失败 (plugin failed to load): %s", name, e)
+            return None
         except Exception:
             self.log.exception("插件[%s]加载失败 (plugin failed to load)", name)
             return None
-        self._plugins.append((name, module, handle))
+        plugin = module if plugin is None else plugin
+        self.plugins.append((name, plugin))
         self.log.debug("插件[%s]已加载", name)
-        return module
+        return plugin
+
+    def plugin(self, name):
+        """The plugin last loaded under name, or None."""
+        for loaded, plugin in reversed(self.plugins):
+            if loaded == name:
+                return plugin
+        return None
 
     def start(self):
         """Begin: check the pid file, then log in on a thread of its own; returns at once."""
@@ -1901,10 +1950,10 @@ class Client(EventEmitter):
             self._finish_send(msg, -5, "客户端停止运行")
         self.set_state("stop")
         self.emit("stop")
-        for name, _, handle in reversed(self._plugins):
-            if hasattr(handle, "stop"):
+        for name, plugin in reversed(self.plugins):
+            if hasattr(plugin, "stop"):
                 try:
-                    handle.stop()
+                    plugin.stop()
                 except Exception:
                     self.log.exception("插件[%s]停止失败", name)
         remove_file(self.qrcode_path)
@@ -2002,7 +2051,7 @@ class Client(EventEmitter):
             "previous_state": self.previous_state, "pid": self.pid,
             "os": PERL_OS.get(sys.platform, sys.platform), "upstream": opts["upstream"],
             "plugin": [{"name": name, "priority": 0, "auto_call": 1, "call_on_load": 1}
-                       for name, _, _ in self._plugins]}
+                       for name, _ in self.plugins]}
         try:
             atomic_write(self.state_path, json_dumps(state))
         except OSError as e:

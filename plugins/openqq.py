@@ -38,7 +38,7 @@ from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
-from webqq import Http, TransportError, __version__, json_dumps, to_int
+from webqq import Http, TransportError, __version__, json_dumps, parse_listen, to_int
 
 ###############################################################################
 # 1. Constants
@@ -490,11 +490,6 @@ def outgoing(log):
     return Http(jar=http.cookiejar.CookieJar(), log=log, user_agent="webqq/%s" % __version__)
 
 
-def retryable(error):
-    """Whether a failed POST may be sent again: not after a timeout once connected, since the
-    receiver may have processed it. webqq.TransportError names the exception class last."""
-    name = str(error).rsplit(": ", 1)[-1]
-    return name == "ConnectTimeout" or "timeout" not in name.lower()
 
 
 class Reporter(object):
@@ -578,7 +573,7 @@ class Reporter(object):
                                         timeout=self.timeout, follow=False)
                 status, error, again = res.status, "HTTP %d" % res.status, res.status in (502, 503, 504)
             except TransportError as e:
-                status, error, again = None, str(e), retryable(e)
+                status, error, again = None, str(e), not e.timed_out
             if status is not None and 200 <= status < 300:
                 with self.lock:
                     self.counts["sent"] += 1
@@ -1083,7 +1078,7 @@ class Server(ThreadingHTTPServer):
     """One listen address: a named, tracked thread per connection, capped in number; optional TLS."""
 
     daemon_threads = True
-    request_queue_size = 128
+    request_queue_size = 1024
 
     def __init__(self, entry, api, opts, log):
         host = entry["host"]
@@ -1206,10 +1201,10 @@ def listen_entries(opts):
     elif isinstance(value, dict):
         value = [value]
     elif isinstance(value, (str, int)):
-        value = [_listen_text(str(item)) for item in to_list(str(value))]
+        value = to_list(str(value))
     entries = []
     for item in value:
-        entry = dict(_listen_text(item) if isinstance(item, str) else item)
+        entry = dict(parse_listen(item) if isinstance(item, str) else item)
         for key in ("tls_cert", "tls_key", "tls_ca", "tls_ciphers"):
             entry.setdefault(key, opts[key])
         entry["tls"] = to_bool(entry.get("tls", entry.get("tls_cert") is not None))
@@ -1220,14 +1215,6 @@ def listen_entries(opts):
         entry["port"] = port
         entries.append(entry)
     return entries
-
-
-def _listen_text(text):
-    """{host, port} from "host:port", "[v6]:port" or "port"."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        return {"host": "127.0.0.1", "port": text}
-    return {"host": host or "127.0.0.1", "port": port}
 
 
 ###############################################################################
