@@ -26,7 +26,6 @@ A user script:
 
 from __future__ import print_function
 
-import base64
 import argparse
 import collections
 import configparser
@@ -83,32 +82,6 @@ QINFO3_REF = "http://qinfo.clt.qq.com/qinfo_v3/member.html"
 
 # Client states, in the order a login walks through them (the original spells "scaning").
 STATES = ("init", "loading", "scaning", "confirming", "updating", "running", "stop")
-
-# Events a client emits; each handler gets the arguments listed.
-EVENTS = {
-    "state_change": "old, new",
-    "input_qrcode": "qrcode_path, png_bytes",
-    "qrcode_expire": "",
-    "login": "is_scan",
-    "relogin": "",
-    "ready": "",
-    "stop": "",
-    "receive_message": "msg",
-    "send_message": "msg",
-    "friend_state_change": "friend",
-    "new_friend": "friend", "lose_friend": "friend",
-    "new_group": "group", "lose_group": "group",
-    "new_discuss": "discuss", "lose_discuss": "discuss",
-    "new_group_member": "member, group", "lose_group_member": "member, group",
-    "new_discuss_member": "member, discuss", "lose_discuss_member": "member, discuss",
-    "user_property_change": "user, property, old, new",
-    "friend_property_change": "friend, property, old, new",
-    "group_property_change": "group, property, old, new",
-    "group_member_property_change": "member, property, old, new",
-    "discuss_property_change": "discuss, property, old, new",
-    "discuss_member_property_change": "member, property, old, new",
-    "model_update": "kind, ok",
-}
 
 # Numeric presence and client codes of the protocol (Mojo code2state / code2client).
 STATE_CODES = {10: "online", 20: "offline", 30: "away", 40: "hidden",
@@ -1986,6 +1959,8 @@ class Client(EventEmitter):
 
     def set_state(self, new):
         """Move to state new, rewrite the state file and emit state_change."""
+        if new not in STATES:
+            raise ValueError("unknown state %r" % new)
         with self._cond:
             old = self.state
             if old == new or old == "stop":

@@ -6,7 +6,9 @@ import hmac
 import json
 import logging
 import os
+import shutil
 import socket
+import subprocess
 import ssl
 import threading
 import time
@@ -533,8 +535,22 @@ def test_allowed_origin_gets_cors_headers(env):
 
 # -- TLS -----------------------------------------------------------------------------------------
 
-def test_tls_listen_and_a_tls_poller_that_hangs_up(env):
-    cert = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tls-selfsigned.pem")
+@pytest.fixture
+def self_signed(tmp_path):
+    """A certificate and key for 127.0.0.1 in one PEM file, made for this test by openssl."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    pem, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", key,
+                    "-out", pem, "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(pem, "a") as out, open(key) as f:
+        out.write(f.read())
+    return pem
+
+
+def test_tls_listen_and_a_tls_poller_that_hangs_up(env, self_signed):
+    cert = self_signed
     plugin = load_openqq(env.client, listen=[{"host": "127.0.0.1", "port": 0, "tls_cert": cert, "tls_key": cert}],
                          check_event_timeout=3)
     url = plugin.urls[0]
