@@ -12,8 +12,9 @@ One module, read top to bottom:
  6. Events          EventEmitter
  7. Upstreams       the Upstream interface and SmartQQ, the w.qq.com web protocol
  8. Client          Client(**options): states, files, send queue, relogin, plugins
- 9. QR display      PNG decoding with zlib/struct, terminal drawing, OS viewer
-10. Config and CLI  main(argv): flags, INI file, demo mode
+ 9. QR display      PNG decoding with zlib/struct, terminal drawing, file, OS viewer, display modes
+10. Config and CLI  main(argv): INI file < WEBQQ_* variables < flags, --init-config, console
+                    window, progress, restarts, demo mode
 
 A user script:
 
@@ -27,8 +28,10 @@ A user script:
 from __future__ import print_function
 
 import argparse
+import codecs
 import collections
-import configparser
+import datetime
+import difflib
 import html
 import http.client
 import http.cookiejar
@@ -39,6 +42,7 @@ import os
 import queue
 import random
 import re
+import shutil
 import socket
 import struct
 import sys
@@ -1286,8 +1290,8 @@ class SmartQQ(Upstream):
         while True:
             res = self._call("GET", "https://ssl.ptlogin2.qq.com/ptqrshow?appid=%d&e=2&l=M&s=3&d=72&v=4"
                              "&t=%s&daid=%d&pt_3rd_aid=0" % (APPID, random.random(), DAID), XLOGIN)
-            if res.status != 200 or not res.body.startswith(b"\x89PNG"):
-                raise ApiError(-1, "ptqrshow answered HTTP %s without a PNG" % res.status)
+            if res.status != 200 or not res.body.startswith(b"\x89PNG") or not self.http.cookie("qrsig"):
+                raise ApiError(-1, "ptqrshow answered HTTP %s without a PNG and its qrsig" % res.status)
             shown = time.time()
             client.show_qrcode(res.body)
             token = hash33(self.http.cookie("qrsig") or "")
@@ -1298,7 +1302,9 @@ class SmartQQ(Upstream):
                        % (token, (time.time() - shown) * 1000, JS_VER,
                           self.http.cookie("pt_login_sig") or "", APPID, DAID))
                 args = quoted_args(self._call("GET", url, XLOGIN).text)
-                code = args[0] if args else ""
+                if not args:  # a gateway's error page or a cut answer: no verdict on the QR
+                    raise ApiError(-1, "ptqrlogin answered without ptuiCB(...)")
+                code = args[0]
                 if code == "66":
                     client.set_state("scaning")
                 elif code == "67":
@@ -1699,6 +1705,21 @@ class LogFormatter(logging.Formatter):
         return logging.Formatter.format(self, record)
 
 
+class StderrHandler(logging.StreamHandler):
+    """A StreamHandler writing to whatever sys.stderr is at the time (it may be replaced later)."""
+
+    def __init__(self):
+        logging.StreamHandler.__init__(self)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def configure_logging(level="info", path=None, stream=None):
     """Send the `webqq` logger to path (or stream, default stderr) at level; idempotent."""
     logger = logging.getLogger("webqq")
@@ -1706,11 +1727,28 @@ def configure_logging(level="info", path=None, stream=None):
     for handler in [h for h in logger.handlers if getattr(h, "webqq", False)]:
         logger.removeHandler(handler)
         handler.close()
-    handler = logging.FileHandler(path, encoding="utf-8") if path else logging.StreamHandler(stream or sys.stderr)
+    if path:
+        handler = logging.FileHandler(path, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(stream) if stream else StderrHandler()
     handler.webqq = True
     handler.setFormatter(LogFormatter())
     logger.addHandler(handler)
     return logger
+
+
+def parse_clock(text):
+    """(hour, minute) of "HH:MM"; ValueError otherwise."""
+    match = re.match(r"^\s*(\d{1,2}):(\d{2})\s*$", str(text))
+    if not match or int(match.group(1)) > 23 or int(match.group(2)) > 59:
+        raise ValueError("relogin_at must be a time of day HH:MM, not %r" % text)
+    return int(match.group(1)), int(match.group(2))
+
+
+def next_clock_time(now, hour, minute):
+    """The first datetime after now at hour:minute."""
+    due = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    return due if due > now else due + datetime.timedelta(days=1)
 
 
 def pid_alive(pid):
@@ -1732,7 +1770,11 @@ def pid_alive(pid):
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (dead, never reaped: orphans in containers whose pid 1 does not reap) is gone
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rpartition(")")[2].split()[:1] != ["Z"]
+    except OSError:
+        return True
 
 
 class Client(EventEmitter):
@@ -1752,7 +1794,8 @@ class Client(EventEmitter):
         ("load_members", (True, "load every group's members in the background after login")),
         ("qrcode_count_max", (10, "stop after this many expired QR codes")),
         ("qr_check_interval", (3.0, "seconds between two checks of the QR state")),
-        ("qrcode_display", ("terminal", "where to show the QR: terminal, viewer, none (comma-separated)")),
+        ("qrcode_display", ("terminal", "where to show the QR: terminal, file, viewer, console, email, none "
+                                         "(comma-separated)")),
         ("poll_failure_count_max", (3, "relogin after more unknown poll errors in a row than this")),
         ("send_failure_count_max", (5, "relogin after this many send errors (-3) in a row")),
         ("poll_timeout", (120.0, "seconds to wait for one long poll")),
@@ -1764,7 +1807,10 @@ class Client(EventEmitter):
         ("default_send_real_comp_sign", (False, "send < and > as they are (else as ＜ ＞)")),
         ("group_member_card_cut_length", (21, "cut group cards to this many UTF-8 bytes")),
         ("group_member_use_friend_markname", (True, "show a member by the friend's markname")),
+        ("relogin_at", (None, "log in again every day at this local time, HH:MM (e.g. 04:30)")),
         ("controller_pid", (None, "stop when the process with this pid (a controller) is gone")),
+        ("controller_pid_path", (None, "stop when the process whose pid is in this file (a controller) is gone")),
+        ("controller_grace", (10.0, "seconds the controller may be gone (restarting) before the client stops")),
         ("log_level", ("info", "debug info msg warn error fatal")),
         ("log_path", (None, "log file (default: standard error)")),
         ("cookie_path", (None, "cookie file (default: tmpdir/mojo_webqq_cookie_<account>.dat)")),
@@ -1793,6 +1839,7 @@ class Client(EventEmitter):
             setattr(self, kind + "_path", path)
         self.send_interval = float(opts["send_interval"])
         self.msg_ttl = int(opts["msg_ttl"])
+        self._relogin_at = parse_clock(opts["relogin_at"]) if opts["relogin_at"] else None
         self.version, self.pid, self.starttime = __version__, os.getpid(), int(time.time())
         self.state, self.previous_state = "init", None
         self.contacts = Contacts(opts["group_member_use_friend_markname"])
@@ -1870,17 +1917,15 @@ class Client(EventEmitter):
                     self.log.error("upstream %s is not available", self.options["upstream"])
                     self.stop(status=1)
                     return
-        for mode in str(self.options["qrcode_display"] or "").split(","):
-            mode = mode.strip()
-            if mode in QR_DISPLAYS:
-                self.on("input_qrcode", QR_DISPLAYS[mode])
-                self.log.debug("二维码显示方式: %s", mode)
+        start_qr_displays(self)
         if not self._claim_pid_file():
             self.stop(status=1)
             return
         self._save_state()
         self._spawn("webqq-main", self._main)
-        if self.options["controller_pid"]:
+        if self._relogin_at is not None:
+            self._spawn("webqq-relogin-timer", self._relogin_daily)
+        if self.options["controller_pid"] or self.options["controller_pid_path"]:
             self._spawn("webqq-watchdog", self._watch_controller)
 
     def run(self):
@@ -1991,11 +2036,35 @@ class Client(EventEmitter):
         thread.start()
         return thread
 
+    def _relogin_daily(self):
+        hour, minute = self._relogin_at
+        due = next_clock_time(datetime.datetime.now(), hour, minute)
+        while self.sleep(min(60.0, max(0.0, (due - datetime.datetime.now()).total_seconds()))):
+            if datetime.datetime.now() >= due:
+                self.log.info("每日定时重新登录 (daily relogin at %02d:%02d)", hour, minute)
+                self.relogin()
+                due = next_clock_time(datetime.datetime.now(), hour, minute)
+
+    def _controller_alive(self):
+        path = self.options["controller_pid_path"]
+        if not path:
+            return pid_alive(to_int(self.options["controller_pid"], 0))
+        try:
+            with open(path) as f:
+                return pid_alive(to_int(f.read(), 0))
+        except OSError:
+            return False
+
     def _watch_controller(self):
-        pid = int(self.options["controller_pid"])
-        while self.sleep(2.0):
-            if not pid_alive(pid):
-                self.stop(reason="控制器(pid:%d)已退出，客户端停止运行 (the controller is gone)" % pid)
+        # A controller that restarts rewrites its pid file; its children wait for it that long.
+        grace, gone_since = float(self.options["controller_grace"]), None
+        while self.sleep(1.0):
+            if self._controller_alive():
+                gone_since = None
+                continue
+            gone_since = gone_since or time.monotonic()
+            if time.monotonic() - gone_since >= grace:
+                self.stop(reason="控制器已退出，客户端停止运行 (the controller is gone)")
                 break
 
     # -- files ----------------------------------------------------------------
@@ -2081,12 +2150,13 @@ class Client(EventEmitter):
 
     def _load_contacts(self):
         self.set_state("updating")
-        try:
-            self.contacts.set_user(self.upstream.fetch_user(), diff=False)
-        except (ApiError, TransportError) as e:
-            self.log.warning("更新个人信息失败: %s", e)
+        if not self._load_user(diff=False):
             self.contacts.set_user(User(id=self.upstream.uid, uid=self.upstream.uid), diff=False)
-        ok = [self._refresh(kind, diff=False) for kind in ("friend", "group", "discuss")]
+        ok = []
+        for kind, listed in (("friend", self.contacts.friends), ("group", self.contacts.groups),
+                             ("discuss", self.contacts.discusses)):
+            ok.append(self._refresh(kind, diff=False))
+            self.emit("progress", kind, len(listed()), len(listed()))
         if not (ok[0] or ok[1]):
             raise LoginFailed("好友和群组信息都无法获取 (no contacts)", fatal=False)
 
@@ -2112,6 +2182,17 @@ class Client(EventEmitter):
 
     # -- contacts -------------------------------------------------------------
 
+    def _load_user(self, diff=True):
+        """Fetch the account's own info and store it; True if it worked."""
+        try:
+            events = self.contacts.set_user(self.upstream.fetch_user(), diff=diff)
+        except (ApiError, TransportError) as e:
+            self.log.warning("更新个人信息失败: %s", e)
+            return False
+        for name, args in events:
+            self.emit(name, *args)
+        return True
+
     def _refresh(self, kind, diff=True):
         """Fetch one kind of contact list (friend, group, discuss) and store it; True if it worked."""
         fetch = {"friend": self.upstream.fetch_friends, "group": self.upstream.fetch_groups,
@@ -2119,13 +2200,13 @@ class Client(EventEmitter):
         store = {"friend": self.contacts.set_friends, "group": self.contacts.set_groups,
                  "discuss": self.contacts.set_discusses}[kind]
         with self._refresh_lock:
-            self._refreshed[kind] = time.time()
             try:
                 events = store(fetch(), diff=diff)
             except (ApiError, TransportError) as e:
                 self.log.warning("更新%s信息失败 (refresh failed): %s", kind, e)
                 self.emit("model_update", kind, 0)
                 return False
+            self._refreshed[kind] = time.time()  # after a failure, the next unknown sender retries
         for name, args in events:
             if name == "new_group":
                 self.ensure_members(args[0])
@@ -2164,10 +2245,12 @@ class Client(EventEmitter):
             with self._cond:
                 session = self._session
             if self.options["load_members"]:
-                for group in self.contacts.groups():
+                pending = [group for group in self.contacts.groups() if not group.members_loaded]
+                for done, group in enumerate(pending, 1):
                     if not self._current(session):
                         break
                     self.ensure_members(group)
+                    self.emit("progress", "member", done, len(pending))
             deadline = time.time() + interval
             with self._cond:
                 self._cond.wait_for(lambda: not self._current(session) or time.time() >= deadline,
@@ -2175,6 +2258,8 @@ class Client(EventEmitter):
             if not self._current(session):
                 continue
             ok = [self._refresh(kind) for kind in ("friend", "group", "discuss")]
+            if self.contacts.user.name is None:  # get_self_info2 failed at login
+                self._load_user()
             for group in self.contacts.groups():
                 if self._current(session) and group.members_loaded:
                     self.load_members(group)
@@ -2553,22 +2638,30 @@ def qr_matrix(png):
              for i in range(size)] for j in range(size)]
 
 
-def draw_qrcode(matrix, ascii=False, quiet=2):
+# White on black: the drawing then scans on light terminals as well as on dark ones.
+ANSI_QR, ANSI_RESET = "\x1b[97;40m", "\x1b[0m"
+
+
+def draw_qrcode(matrix, ascii=False, quiet=2, color=False):
     """Text drawing of a QR matrix for a dark terminal: light modules are drawn, dark ones left blank.
 
-    Half blocks put two module rows on one text line; ascii draws each module as "@@" or "  ".
+    Half blocks put two module rows on one text line; ascii draws each module as "@@" or "  ";
+    color wraps each line in ANSI white-on-black.
     """
     width = len(matrix[0]) + 2 * quiet
     light = [[True] * width for _ in range(quiet)]
     light += [[True] * quiet + [not d for d in row] + [True] * quiet for row in matrix]
     light += [[True] * width for _ in range(quiet)]
     if ascii:
-        return "\n".join("".join("@@" if cell else "  " for cell in row) for row in light) + "\n"
-    if len(light) % 2:
-        light.append([False] * len(light[0]))
-    blocks = {(True, True): "\u2588", (True, False): "\u2580", (False, True): "\u2584", (False, False): " "}
-    return "\n".join("".join(blocks[(a, b)] for a, b in zip(light[y], light[y + 1]))
-                     for y in range(0, len(light), 2)) + "\n"
+        lines = ["".join("@@" if cell else "  " for cell in row) for row in light]
+    else:
+        if len(light) % 2:
+            light.append([False] * len(light[0]))
+        blocks = {(True, True): "\u2588", (True, False): "\u2580", (False, True): "\u2584", (False, False): " "}
+        lines = ["".join(blocks[(a, b)] for a, b in zip(light[y], light[y + 1])) for y in range(0, len(light), 2)]
+    if color:
+        lines = [ANSI_QR + line + ANSI_RESET for line in lines]
+    return "\n".join(lines) + "\n"
 
 
 def can_encode(stream, text):
@@ -2580,36 +2673,144 @@ def can_encode(stream, text):
         return False
 
 
-def show_qrcode_in_terminal(path, png, stream=None):
-    """input_qrcode handler: draw the QR on standard output (ASCII where blocks can't be encoded)."""
-    stream = stream or sys.stdout
+# Encodings (and Windows code pages) of East Asian consoles, whose fonts draw block characters
+# two columns wide: there the QR is drawn with "@@" pairs.
+CJK_ENCODINGS = frozenset(("gbk", "gb2312", "gb18030", "big5", "big5hkscs", "shift_jis", "euc_jp", "euc_kr",
+                           "cp932", "cp936", "cp949", "cp950", "johab"))
+CJK_CODEPAGES = frozenset((932, 936, 949, 950, 54936))
+
+
+def console_codepage():
+    """The Windows console's output code page, or None elsewhere."""
+    if os.name != "nt":
+        return None
     try:
-        text = draw_qrcode(qr_matrix(png), ascii=not can_encode(stream, "\u2588\u2580\u2584"))
+        import ctypes
+        return ctypes.windll.kernel32.GetConsoleOutputCP() or None
+    except (ImportError, AttributeError, OSError):
+        return None
+
+
+def wide_blocks(stream):
+    """True when block characters would be unreadable on stream: not encodable, or drawn double-width."""
+    try:
+        encoding = codecs.lookup(getattr(stream, "encoding", None) or "ascii").name.replace("-", "_")
+    except LookupError:
+        return True
+    return (encoding in CJK_ENCODINGS or console_codepage() in CJK_CODEPAGES
+            or not can_encode(stream, "\u2588\u2580\u2584"))
+
+
+def terminal_size(stream):
+    """(columns, lines) of the terminal stream writes to, or None when it is not a terminal."""
+    try:
+        if stream.isatty():
+            return tuple(os.get_terminal_size(stream.fileno()))
+    except (AttributeError, OSError, ValueError):
+        pass
+    return None
+
+
+def text_size(text):
+    """(columns, lines) a drawing occupies, ANSI codes left out."""
+    lines = text.rstrip("\n").split("\n")
+    return max(len(line.replace(ANSI_QR, "").replace(ANSI_RESET, "")) for line in lines), len(lines)
+
+
+def fit_qrcode(matrix, ascii, size, color=False):
+    """(text, fits): the drawing with the widest quiet zone (2, else 1) that fits in size."""
+    for quiet in (2, 1):
+        text = draw_qrcode(matrix, ascii=ascii, quiet=quiet, color=color)
+        columns, lines = text_size(text)
+        if size is None or (columns <= size[0] and lines < size[1]):
+            return text, True
+    return draw_qrcode(matrix, ascii=ascii, quiet=2, color=color), False
+
+
+def show_qrcode_in_terminal(path, png, stream=None):
+    """input_qrcode handler: draw the QR on standard output, sized to the terminal, in a form it can show."""
+    stream = stream or sys.stdout
+    log = logging.getLogger("webqq")
+    try:
+        matrix = qr_matrix(png)
     except ValueError as e:
-        logging.getLogger("webqq").warning("二维码无法在终端显示 (%s)，请打开 %s", e, path)
+        log.warning("二维码无法在终端显示 (%s)，请打开 %s", e, path)
         return
-    stream.write(text)
+    size = terminal_size(stream)
+    color = size is not None and os.name != "nt" and os.environ.get("TERM") != "dumb"
+    text, fits = fit_qrcode(matrix, wide_blocks(stream), size, color)
+    if not fits:
+        needed = text_size(text)
+        log.warning("终端窗口太小，二维码可能无法扫描 (the QR code needs %dx%d characters, the window has %dx%d: "
+                    "enlarge the window or make the font smaller, or open %s)", *(needed + size + (path,)))
+    stream.write("\n" + text)
     stream.flush()
+
+
+def print_qrcode_path(path, png=None, stream=None):
+    """input_qrcode handler: print the QR file's path as a file:// link."""
+    import pathlib
+    stream = stream or sys.stdout
+    stream.write("二维码 (QR code): %s\n" % pathlib.Path(os.path.abspath(path)).as_uri())
+    stream.flush()
+
+
+def desktop_viewer():
+    """The command that opens an image on this desktop, or None where there is no desktop."""
+    if os.name == "nt":
+        return "startfile"
+    if sys.platform == "darwin":
+        return "open"
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        for command in ("xdg-open", "gio", "display", "eog"):
+            if shutil.which(command):
+                return command
+    return None
 
 
 def open_qrcode_in_viewer(path, png=None):
     """input_qrcode handler: open the QR file with the desktop's image viewer, if there is one."""
     import subprocess
     log = logging.getLogger("webqq")
+    viewer = desktop_viewer()
     try:
-        if os.name == "nt":
+        if viewer == "startfile":
             os.startfile(path)
-        elif sys.platform == "darwin":
-            subprocess.Popen(["open", path])
-        elif os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
-            subprocess.Popen(["xdg-open", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        elif viewer is not None:
+            args = [viewer, "open", path] if viewer == "gio" else [viewer, path]
+            subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         else:
             log.debug("no desktop: the QR code is at %s", path)
     except OSError as e:
         log.warning("无法打开二维码图片 (%s): %s", e, path)
 
 
-QR_DISPLAYS = {"terminal": show_qrcode_in_terminal, "viewer": open_qrcode_in_viewer}
+QR_DISPLAYS = {"terminal": show_qrcode_in_terminal, "file": print_qrcode_path, "viewer": open_qrcode_in_viewer}
+QR_HELP = {"terminal": "terminal (drawn in this window)", "file": "file (its path printed)",
+           "viewer": "viewer (opened in the image viewer)"}
+# Modes a plugin provides, by the plugin's name; loading the plugin turns the mode on.
+QR_PLUGINS = {"console": "console", "email": "qrmail"}
+
+
+def start_qr_displays(client):
+    """Subscribe the built-in QR displays the qrcode_display option names; log each mode that is on."""
+    log = client.log
+    modes = [mode.strip().lower() for mode in str(client.options["qrcode_display"] or "").split(",")]
+    for mode in [m for m in modes if m and m != "none"]:
+        if mode in QR_DISPLAYS:
+            if mode == "viewer" and desktop_viewer() is None:
+                log.info("二维码显示方式 viewer: 没有桌面，不打开图片 (QR display viewer is off: no desktop)")
+                continue
+            client.on("input_qrcode", QR_DISPLAYS[mode])
+            log.info("二维码显示方式 (QR display): %s", QR_HELP[mode])
+        elif mode in QR_PLUGINS:
+            if client.plugin(QR_PLUGINS[mode]) is None:
+                log.warning("二维码显示方式 %s 需要插件 %s (QR display %s needs the %s plugin: add a [%s] section)",
+                            mode, QR_PLUGINS[mode], mode, QR_PLUGINS[mode], QR_PLUGINS[mode])
+        else:
+            log.warning("未知的二维码显示方式 %r (unknown qrcode_display mode; known: %s)",
+                        mode, ", ".join(sorted(set(QR_DISPLAYS) | set(QR_PLUGINS) | {"none"})))
+
 
 ###############################################################################
 # 10. Config and CLI
@@ -2617,6 +2818,400 @@ QR_DISPLAYS = {"terminal": show_qrcode_in_terminal, "viewer": open_qrcode_in_vie
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_NAME = "webqq.ini"
+ENV_PREFIX = "WEBQQ_"
+
+# Options of the program around the client, set in [webqq] next to the client's.
+MAIN_OPTIONS = collections.OrderedDict([
+    ("restart", (False, "start a new client after one stopped with an error (logged out, login failed)")),
+    ("restart_delay", (5.0, "seconds before the first restart; the wait doubles after each one")),
+    ("restart_delay_max", (300.0, "longest wait between two restarts, in seconds")),
+    ("pause_on_error", ("auto", "wait for Enter after a fatal error: yes, no, auto (when the window would close)")),
+])
+
+# What the command line uses when nothing sets it: the plugins, and client options it sets differently.
+DEFAULT_PLUGINS = ("showmsg", "openqq", "console")
+OPTIONAL_PLUGINS = ("qrmail", "onebot")
+CLI_DEFAULTS = {"qrcode_display": "terminal,viewer"}
+
+# One line of help for the options of plugins that carry no OPTION_HELP table; None: not for INI files.
+PLUGIN_HELP = {
+    "showmsg": {
+        "allow_group": "print only the messages of these groups (names or numbers, comma-separated)",
+        "ban_group": "never print the messages of these groups",
+    },
+    "openqq": {
+        "listen": "addresses to serve on: JSON list of {host, port} or host:port text (default 127.0.0.1:5000)",
+        "access_token": "require this token on every request (?access_token= or Authorization: Bearer)",
+        "auth": None,
+        "allow_insecure": "start on a non-loopback address without a token (not recommended)",
+        "allow_origin": "browser origins allowed to call the API cross-site (* for any)",
+        "tls_cert": "TLS certificate file for every listen entry",
+        "tls_key": "TLS private key file",
+        "tls_ca": "CA file: with it, client certificates are required",
+        "tls_ciphers": "OpenSSL cipher list for TLS",
+        "request_timeout": "seconds a connection may stay silent before it is closed",
+        "max_body_size": "largest request body, in bytes",
+        "max_connections": "open connections per listen address",
+        "post_api": "URL that every message and listed event is POSTed to as JSON",
+        "post_event": "false: report messages only, no events",
+        "post_event_list": "events to report (comma-separated)",
+        "post_stdout": "also print every report as one JSON line on standard output",
+        "post_secret": "sign reports: X-Signature: sha1=<HMAC-SHA1 of the body with this key>",
+        "post_timeout": "seconds to wait for one post_api answer",
+        "post_retries": "retries of a report after a connection error or HTTP 502/503/504",
+        "post_retry_backoff": "first retry delay in seconds; it doubles each time",
+        "post_queue_size": "reports waiting for delivery at most (the oldest is dropped beyond)",
+        "post_workers": "delivery threads",
+        "post_media_data": "accepted and ignored, as in the original",
+        "check_event_list_max_size": "events check_event keeps (the oldest is dropped beyond)",
+        "check_event_timeout": "seconds a check_event long poll waits before answering []",
+        "check_event_history_size": "events kept for cursor readers",
+        "poll_api": "URL to GET forever while the client runs (reverse calls)",
+        "poll_interval": "seconds between two poll_api requests",
+        "poll_timeout": "seconds to wait for one poll_api answer",
+        "stop_delay": "seconds between the answer of stop_client / relogin and the action",
+    },
+}
+
+# Client and main options by topic, for --help and the written config; others go to the last topic.
+TOPICS = [
+    ("account and login", "account tmpdir upstream upstream_options smartqq_base mode keep_cookie check_account"),
+    ("QR code", "qrcode_display qrcode_count_max qr_check_interval"),
+    ("messages and contacts", "send_interval msg_ttl update_interval load_members ignore_unknown_id "
+                              "allow_message_sync default_send_real_comp_sign group_member_card_cut_length "
+                              "group_member_use_friend_markname"),
+    ("upstream connection", "poll_timeout http_timeout poll_failure_count_max send_failure_count_max"),
+    ("running for real", "restart restart_delay restart_delay_max relogin_at pause_on_error controller_pid "
+                         "controller_pid_path controller_grace"),
+    ("logging", "log_level log_path"),
+    ("files", "cookie_path qrcode_path pid_path state_path"),
+]
+
+
+class ConfigError(ValueError):
+    """A mistake in the configuration, told with where it is: file and line, variable or flag."""
+
+    def __init__(self, where, message):
+        ValueError.__init__(self, "%s: %s" % (where, message))
+        self.where = where
+
+
+def top_options():
+    """Every option of the [webqq] section: the client's, then main()'s."""
+    table = collections.OrderedDict(Client.OPTIONS)
+    table.update(MAIN_OPTIONS)
+    return table
+
+
+def plugin_options(name):
+    """A plugin's options {name: (default, help)}, from its OPTIONS table or call() signature; None: any."""
+    import inspect
+    module = importlib.import_module(name if "." in name else "plugins." + name)
+    helps = dict(PLUGIN_HELP.get(name, {}), **getattr(module, "OPTION_HELP", {}))
+    table = getattr(module, "OPTIONS", None)
+    if table is None:
+        params = list(inspect.signature(module.call).parameters.values())[1:]
+        if any(p.kind == p.VAR_KEYWORD for p in params):
+            return None
+        table = collections.OrderedDict((p.name, None if p.default is p.empty else p.default) for p in params)
+    return collections.OrderedDict((key, (default, helps.get(key, ""))) for key, default in table.items()
+                                   if helps.get(key, "") is not None)
+
+
+def convert_value(text, default):
+    """A config text as the type of default: boolean, number, JSON (lists, objects), else the text."""
+    text = text.strip()
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("must be true or false, not %r" % text)
+    if isinstance(default, (int, float)):  # plugins' seconds often have int defaults: 2.5 is fine there
+        for number in ((int, float) if isinstance(default, int) else (float,)):
+            try:
+                return number(text)
+            except ValueError:
+                pass
+        raise ValueError("must be a number, not %r" % text)
+    if isinstance(default, (dict, list, tuple)) or (default is None and text[:1] in "[{"):
+        if not isinstance(default, dict) and text[:1] not in "[{":
+            return text
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise ValueError("is not valid JSON (%s): %r" % (e, text))
+        if isinstance(default, dict) and not isinstance(value, dict):
+            raise ValueError("must be a JSON object {...}, not %r" % text)
+        return value
+    return text
+
+
+def format_value(value):
+    """An option value as config text (the reverse of convert_value)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "%g" % value
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def parse_ini(text, where):
+    """[(section, line, [(key, value, line)])] of INI text; '#'/';' comment lines, indented continuations."""
+    sections, current, continued = [], None, False
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if raw[:1] in " \t" and continued:
+            key, value, at = current[2][-1]
+            current[2][-1] = (key, value + "\n" + line, at)
+            continue
+        place = "%s, line %d" % (where, number)
+        continued = False
+        if line.startswith("["):
+            if not line.endswith("]") or not line[1:-1].strip():
+                raise ConfigError(place, "a section header looks like [name], not %r" % line)
+            name = line[1:-1].strip().lower()
+            if any(section[0] == name for section in sections):
+                raise ConfigError(place, "section [%s] appears twice" % name)
+            current = (name, number, [])
+            sections.append(current)
+            continue
+        match = re.match(r"([^=:]+?)\s*[=:]\s*(.*)$", line)
+        if not match:
+            raise ConfigError(place, "expected 'option = value', not %r" % line)
+        if current is None:
+            raise ConfigError(place, "option %r comes before any [section]" % match.group(1))
+        key = match.group(1).strip().lower().replace("-", "_")
+        if any(k == key for k, _, _ in current[2]):
+            raise ConfigError(place, "option %r appears twice in [%s]" % (key, current[0]))
+        current[2].append((key, match.group(2), number))
+        continued = True
+    return sections
+
+
+class Settings(object):
+    """What main() runs: client options, main()'s own options, and the plugins to load with theirs."""
+
+    def __init__(self, plugins=DEFAULT_PLUGINS):
+        self.options = {}
+        self.main = {name: default for name, (default, _) in MAIN_OPTIONS.items()}
+        self.plugins = collections.OrderedDict((name, {}) for name in plugins)
+        self.path = None
+        self._tables = {}
+
+    def table(self, section, where):
+        """The option table of a section ([webqq] or a plugin's); ConfigError for a plugin that can't load."""
+        if section == "webqq":
+            return top_options()
+        if section not in self._tables:
+            try:
+                self._tables[section] = plugin_options(section)
+            except Exception as e:
+                raise ConfigError(where, "[%s] is not a plugin webqq can load (%s)" % (section, e))
+        return self._tables[section]
+
+    def set(self, section, key, text, where):
+        """Set one option from text; ConfigError naming where for an unknown key or a value of the wrong type."""
+        table = self.table(section, where)
+        if table is not None and key not in table:
+            close = difflib.get_close_matches(key, list(table), 1)
+            raise ConfigError(where, "unknown option %r in [%s]%s" % (
+                key, section, " (did you mean %r?)" % close[0] if close else ""))
+        default = table[key][0] if table is not None else None
+        if text.strip() == "":
+            value = default
+        else:
+            try:
+                value = convert_value(text, default)
+            except ValueError as e:
+                raise ConfigError(where, "%s %s" % (key, e))
+        if section == "webqq":
+            (self.main if key in MAIN_OPTIONS else self.options)[key] = value
+        else:
+            self.plugins.setdefault(section, {})[key] = value
+
+    def read(self, path):
+        """Replace the plugin list and set the options of an INI file (a UTF-8 BOM is fine)."""
+        where = path
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ConfigError(where, "not UTF-8 text (%s): save it as UTF-8" % e)
+        except OSError as e:
+            raise ConfigError(where, "cannot read it (%s)" % e.strerror)
+        self.path = path
+        self.plugins = collections.OrderedDict()
+        for section, line, items in parse_ini(text, where):
+            if section != "webqq":
+                self.table(section, "%s, line %d" % (where, line))
+                self.plugins.setdefault(section, {})
+            for key, value, number in items:
+                self.set(section, key, value, "%s, line %d" % (where, number))
+
+    def read_environment(self, environ):
+        """WEBQQ_<OPTION> and WEBQQ_<PLUGIN>_<OPTION> variables; other WEBQQ_* names are not ours."""
+        top = top_options()
+        plugins = list(self.plugins) + [p for p in DEFAULT_PLUGINS + OPTIONAL_PLUGINS if p not in self.plugins]
+        for var in sorted(environ):
+            if not var.upper().startswith(ENV_PREFIX):
+                continue
+            name, where = var[len(ENV_PREFIX):].lower(), "environment variable " + var
+            if name in top:
+                self.set("webqq", name, environ[var], where)
+                continue
+            for plugin in plugins:
+                key = name[len(plugin) + 1:]
+                if name.startswith(plugin + "_") and key:
+                    table = self.table(plugin, where)
+                    if table is None or key in table:
+                        self.set(plugin, key, environ[var], where)
+                        break
+
+    def render(self):
+        """The settings as INI text (what --check-config prints)."""
+        lines = ["[webqq]"]
+        lines += ["%s = %s" % (k, format_value(v)) for k, v in sorted(self.options.items())]
+        lines += ["%s = %s" % (k, format_value(v)) for k, v in sorted(self.main.items())]
+        for name, options in self.plugins.items():
+            lines += ["", "[%s]" % name]
+            lines += ["%s = %s" % (k, format_value(v)) for k, v in sorted(options.items())]
+        return "\n".join(lines) + "\n"
+
+
+def read_config(path):
+    """(options, [(plugin, options)]) of an INI file: [webqq] options and one section per plugin."""
+    settings = Settings()
+    settings.read(path)
+    options = dict(settings.options)
+    options.update((k, v) for k, v in settings.main.items() if v != MAIN_OPTIONS[k][0])
+    return options, list(settings.plugins.items())
+
+
+def config_text():
+    """A commented webqq.ini with every option, its default and one line of help (--init-config)."""
+    out = ["# webqq.ini: the configuration of webqq, written by `python webqq.py --init-config`.",
+           "#",
+           "# Every option is listed with its default, commented out: remove the '#' and change the",
+           "# value. An empty value means the default. Lists and objects are JSON, e.g.",
+           '#     listen = [{"host": "127.0.0.1", "port": 5000}]',
+           "# Environment variables WEBQQ_<OPTION> (WEBQQ_SEND_INTERVAL=1) and WEBQQ_<PLUGIN>_<OPTION>",
+           "# (WEBQQ_OPENQQ_ACCESS_TOKEN=...) override this file; command-line flags override both.",
+           "# Each section after [webqq] loads the plugin of that name: delete a section to leave it out,",
+           "# uncomment one (the header and its lines) to add it.",
+           "", "[webqq]"]
+    table = top_options()
+    for topic, names in option_topics():
+        out += ["", "# -- %s --" % topic]
+        for name in names:
+            default, help_text = table[name]
+            out += ["# %s" % help_text, ("# %s = %s" % (name, format_value(CLI_DEFAULTS.get(name, default)))).rstrip()]
+    for name in DEFAULT_PLUGINS + OPTIONAL_PLUGINS:
+        on = name in DEFAULT_PLUGINS
+        module = importlib.import_module("plugins." + name)
+        summary = (module.__doc__ or name).strip().splitlines()[0]
+        out += ["", "", "# %s" % summary, ("[%s]" if on else "# [%s]") % name]
+        for key, (default, help_text) in (plugin_options(name) or {}).items():
+            prefix = "# " if on else "# # "
+            out += [prefix + (help_text or key), ("# %s = %s" % (key, format_value(default))).rstrip()]
+    return "\n".join(out) + "\n"
+
+
+def option_topics():
+    """[(topic, [option names])] of the [webqq] options, every option once."""
+    table, seen, topics = top_options(), set(), []
+    for topic, names in TOPICS:
+        names = [name for name in names.split() if name in table]
+        seen.update(names)
+        topics.append((topic, names))
+    rest = [name for name in table if name not in seen]
+    if rest:
+        topics.append(("other options", rest))
+    return topics
+
+
+def build_parser():
+    """The command line: flags grouped by topic; every [webqq] option has one (--send-interval 1)."""
+    parser = argparse.ArgumentParser(
+        prog="webqq", allow_abbrev=False, usage="%(prog)s [-c FILE] [--demo] [--init-config [PATH]] [options]",
+        description="A QQ client serving the Openqq HTTP API of Mojo-Webqq. Settings come from webqq.ini "
+                    "(next to webqq.py, or -c FILE), then WEBQQ_<OPTION> environment variables, then these flags.")
+    parser.add_argument("--version", action="version", version="webqq " + __version__)
+    start = parser.add_argument_group("start and configuration")
+    start.add_argument("--demo", action="store_true",
+                       help="run against the built-in simulator (QR scanned automatically)")
+    start.add_argument("-c", "--config", metavar="FILE",
+                       help="INI file (default: %s in the current folder or next to webqq.py)" % CONFIG_NAME)
+    start.add_argument("--init-config", nargs="?", const=CONFIG_NAME, metavar="PATH",
+                       help="write a commented %s with every option and exit (PATH - for standard output)"
+                            % CONFIG_NAME)
+    start.add_argument("--check-config", action="store_true",
+                       help="print the settings from every source and exit (errors exit with status 2)")
+    start.add_argument("-o", "--option", action="append", default=[], metavar="[SECTION.]KEY=VALUE",
+                       help="set any option, e.g. -o openqq.post_secret=s3cret (section default: webqq)")
+    api = parser.add_argument_group("Openqq API and web console")
+    api.add_argument("--listen", action="append", metavar="HOST:PORT", help="API address (default 127.0.0.1:5000)")
+    api.add_argument("--post-api", metavar="URL", help="POST every message and event to this URL")
+    api.add_argument("--access-token", metavar="TOKEN", help="require this token on every API request")
+    api.add_argument("--no-openqq", action="store_true", help="do not serve the Openqq API (nor the web console)")
+    api.add_argument("--no-console", action="store_true", help="do not serve the web console at /console/")
+    table = top_options()
+    for topic, names in option_topics():
+        group = parser.add_argument_group(topic)
+        for name in names:
+            default, help_text = table[name]
+            default = CLI_DEFAULTS.get(name, default)
+            shown = format_value(default)
+            kwargs = {"help": help_text + (" (default: %s)" % shown if shown else ""), "dest": "opt_" + name}
+            if isinstance(default, bool):
+                kwargs.update(nargs="?", const="true", metavar="yes|no")
+            else:
+                kwargs["metavar"] = "N" if isinstance(default, (int, float)) else "VALUE"
+            group.add_argument("--" + name.replace("_", "-"), **kwargs)
+    return parser
+
+
+def load_settings(args, environ):
+    """Settings from the config file, then the environment, then the flags; ConfigError on a mistake."""
+    settings = Settings()
+    config = args.config or next((path for path in (CONFIG_NAME, os.path.join(HERE, CONFIG_NAME))
+                                  if os.path.isfile(path)), None)
+    if config:
+        settings.read(config)
+    settings.read_environment(environ)
+    for name in top_options():
+        text = getattr(args, "opt_" + name, None)
+        if text is not None:
+            settings.set("webqq", name, text, "flag --" + name.replace("_", "-"))
+    for item in args.option:
+        key, sep, text = item.partition("=")
+        section, _, key = key.strip().lower().rpartition(".")
+        if not sep or not key:
+            raise ConfigError("flag -o %s" % item, "expected [SECTION.]KEY=VALUE")
+        settings.set(section or "webqq", key.replace("-", "_"), text, "flag -o %s" % item)
+    if args.listen or args.post_api or args.access_token:
+        openqq = settings.plugins.setdefault("openqq", {})
+        try:
+            if args.listen:
+                openqq["listen"] = [parse_listen(text) for text in args.listen]
+        except ValueError as e:
+            raise ConfigError("flag --listen", str(e))
+        if args.post_api:
+            openqq["post_api"] = args.post_api
+        if args.access_token:
+            openqq["access_token"] = args.access_token
+    for name, off in (("openqq", args.no_openqq), ("console", args.no_openqq or args.no_console)):
+        if off:
+            settings.plugins.pop(name, None)
+    for name, value in CLI_DEFAULTS.items():
+        settings.options.setdefault(name, value)
+    return settings
 
 
 def parse_listen(text):
@@ -2629,67 +3224,230 @@ def parse_listen(text):
     return {"host": host, "port": int(port)}
 
 
-def convert_option(name, text, default):
-    """A config-file string converted to the type of the option's default."""
-    if isinstance(default, bool):
-        lowered = text.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError("%s must be true or false, not %r" % (name, text))
-    if isinstance(default, (int, float)):
+def write_init_config(path, stream=None):
+    """--init-config: write the commented config to path ("-": stream); the exit status."""
+    text = config_text()
+    if path == "-":
+        (stream or sys.stdout).write(text)
+        return 0
+    if os.path.exists(path):
+        sys.stderr.write("%s exists already: remove it first, or give another path\n" % path)
+        return 1
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        sys.stderr.write("cannot write %s: %s\n" % (path, e.strerror))
+        return 1
+    sys.stdout.write("wrote %s: edit it, then start webqq again\n" % path)
+    return 0
+
+
+# -- the console window ---------------------------------------------------------
+
+
+def fix_console_encoding(stream):
+    """Make stream able to write any text: gb18030 on a gbk/cp936 console, escapes on other narrow ones."""
+    encoding = getattr(stream, "encoding", None)
+    if not encoding or not hasattr(stream, "reconfigure"):
+        return stream
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        return stream
+    try:
+        stream.flush()
+        if name in ("gbk", "gb2312"):  # cp936 is gbk: gb18030 writes the same bytes, and every character
+            stream.reconfigure(encoding="gb18030", errors="replace")
+        elif not name.startswith(("utf", "gb18030")):
+            stream.reconfigure(errors="backslashreplace")
+    except (OSError, ValueError):
+        pass
+    return stream
+
+
+def started_by_double_click():
+    """True for a Windows console window that closes when webqq exits (Explorer's double-click)."""
+    if os.name != "nt":
+        return False
+    try:
+        import ctypes
+        count = ctypes.windll.kernel32.GetConsoleProcessList((ctypes.c_ulong * 4)(), 4)
+    except (ImportError, AttributeError, OSError):
+        return False
+    # Alone in the console, or with the py.exe launcher; cmd.exe (which sets PROMPT) keeps it open.
+    return 0 < count <= 2 and "PROMPT" not in os.environ
+
+
+def should_pause(setting, stdin=None):
+    """Whether to wait for Enter after a fatal error, for pause_on_error (yes, no, auto)."""
+    setting = str(setting).strip().lower()
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    if setting in ("0", "false", "no", "off"):
+        return False
+    stdin = stdin or sys.stdin
+    try:
+        interactive = stdin is not None and stdin.isatty()
+    except (AttributeError, ValueError):
+        interactive = False
+    return interactive and started_by_double_click()
+
+
+# What to tell a person about a fatal error, by a piece of its text.
+HINTS = [
+    ("Address already in use", "another program (or another webqq) uses that port: set listen in [openqq], "
+                               "e.g. --listen 127.0.0.1:5001"),
+    ("another client of account", "close the other webqq first, or give this one another account name"),
+    ("expired QR codes", "start webqq again and scan the QR code with the QQ app within two minutes"),
+    (", line ", "fix that line of the config file (python webqq.py --init-config writes a commented example)"),
+    ("environment variable", "fix or unset that environment variable"),
+    ("flag ", "fix that flag (python webqq.py --help lists them all)"),
+]
+DEFAULT_HINT = "see the log above; python webqq.py --help lists the options, docs/people.md explains them"
+
+
+def report_fatal(message, pause, stream=None, stdin=None):
+    """Tell a person webqq stopped and why; with pause, keep the window open until Enter."""
+    stream, stdin = stream or sys.stderr, stdin or sys.stdin
+    hint = next((hint for key, hint in HINTS if key in message), DEFAULT_HINT)
+    stream.write("\n错误 (error): %s\n提示 (hint): %s\n" % (message, hint))
+    stream.flush()
+    if should_pause(pause, stdin):
+        stream.write("按回车键关闭窗口 (press Enter to close this window) ")
+        stream.flush()
         try:
-            return type(default)(text)
-        except ValueError:
-            raise ValueError("%s must be a number, not %r" % (name, text))
-    if isinstance(default, dict):
-        return json.loads(text)
-    return text if text != "" else default
+            stdin.readline()
+        except (OSError, ValueError, KeyboardInterrupt):
+            pass
 
 
-def read_config(path):
-    """(client options, [(plugin, options)]) from an INI file: [webqq] and one section per plugin."""
-    parser = configparser.ConfigParser(interpolation=None)
-    with open(path, encoding="utf-8-sig") as f:
-        parser.read_file(f)
-    options, plugins = {}, []
-    for section in parser.sections():
-        values = dict(parser.items(section))
-        if section == "webqq":
-            for name, text in values.items():
-                if name not in Client.OPTIONS:
-                    raise ValueError("%s: unknown option %r in [webqq]" % (path, name))
-                options[name] = convert_option(name, text, Client.OPTIONS[name][0])
-        else:
-            plugins.append((section, {k: json.loads(v) if v[:1] in "[{" else v for k, v in values.items()}))
-    return options, plugins
+class LastError(logging.Handler):
+    """Remembers the last error the webqq logger told, to repeat it when webqq stops."""
+
+    def __init__(self):
+        logging.Handler.__init__(self, logging.ERROR)
+        self.message = None
+
+    def emit(self, record):
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            message += ": %s" % record.exc_info[1]
+        self.message = message
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="webqq", description="A QQ client serving the Openqq HTTP API of Mojo-Webqq.")
-    parser.add_argument("--version", action="version", version="webqq " + __version__)
-    start = parser.add_argument_group("starting")
-    start.add_argument("--demo", action="store_true",
-                       help="run against the built-in simulator (QR scanned automatically)")
-    start.add_argument("-c", "--config", help="INI file (default: %s next to webqq.py, if there)" % CONFIG_NAME)
-    client = parser.add_argument_group("client")
-    client.add_argument("--account", help="instance name, used in file names")
-    client.add_argument("--tmpdir", help="folder for the cookie, pid, QR and state files")
-    client.add_argument("--upstream", help="smartqq (default) or onebot")
-    client.add_argument("--smartqq-base", help="send every *.qq.com request to this base URL")
-    client.add_argument("--send-interval", type=float, help="seconds between two sends (default 3)")
-    client.add_argument("--qrcode-display", help="terminal, viewer, none (comma-separated)")
-    api = parser.add_argument_group("Openqq API")
-    api.add_argument("--listen", action="append", metavar="HOST:PORT", help="API address (default 127.0.0.1:5000)")
-    api.add_argument("--post-api", metavar="URL", help="POST every message and event to this URL")
-    api.add_argument("--access-token", metavar="TOKEN", help="require this token on every API request")
-    api.add_argument("--no-openqq", action="store_true", help="do not serve the Openqq API")
-    logs = parser.add_argument_group("logging")
-    logs.add_argument("--log-level", help="debug info msg warn error fatal")
-    logs.add_argument("--log-path", help="log file (default: standard error)")
-    return parser
+class Progress(object):
+    """What the client does, for a person: a line redrawn on a terminal, else a log line per step."""
+
+    LABELS = (("friend", "好友 friends"), ("group", "群 groups"), ("discuss", "讨论组 discusses"))
+
+    def __init__(self, client, stream=None):
+        self.client, self.log = client, client.log
+        self.stream = stream or sys.stderr
+        self.tty = terminal_size(self.stream) is not None
+        self.counts, self.shown, self.lock = {}, False, threading.Lock()
+        self.handlers = [h for h in self.log.handlers if getattr(h, "stream", None) is self.stream]
+        for handler in self.handlers:
+            handler.addFilter(self.clear)
+        client.on("state_change", self.on_state)
+        client.on("progress", self.on_progress)
+        client.on("stop", self.close)
+
+    def on_state(self, old, new):
+        if new == "loading":
+            self.log.info("正在连接QQ (connecting to QQ)...")
+        elif new == "updating":
+            self.counts = {}
+            self.log.info("正在加载联系人 (logged in, loading the contacts)...")
+
+    def on_progress(self, step, done, total):
+        self.counts[step] = (done, total)
+        if self.tty:  # the line is redrawn until its last step, then kept
+            with self.lock:
+                self.stream.write("\r%s\x1b[K" % self.line(step))
+                self.shown = step != "discuss" and not (step == "member" and done == total)
+                if not self.shown:
+                    self.stream.write("\n")
+                self.stream.flush()
+        elif step != "member":
+            self.log.info("已加载 (loaded): %d %s", done, dict(self.LABELS)[step].split()[1])
+        elif done == total or done * 4 // total > (done - 1) * 4 // total:
+            self.log.info("已加载群成员 (members loaded): %d/%d groups, %d members", done, total, self.members())
+
+    def members(self):
+        return sum(len(group.members) for group in self.client.contacts.groups() if group.members_loaded)
+
+    def line(self, step):
+        if step == "member":
+            return "加载群成员 loading members: %d/%d groups, %d members" % (self.counts[step] + (self.members(),))
+        parts = ["%s %d" % (label, self.counts[kind][0]) for kind, label in self.LABELS if kind in self.counts]
+        return "加载联系人 loading contacts: " + " | ".join(parts)
+
+    def clear(self, record):
+        """Logging filter: wipe the progress line before a log line is written over it."""
+        with self.lock:
+            if self.shown:
+                self.stream.write("\r\x1b[K")
+                self.shown = False
+        return True
+
+    def close(self):
+        for handler in self.handlers:
+            handler.removeFilter(self.clear)
+
+
+# -- running --------------------------------------------------------------------
+
+
+class Runner(object):
+    """Runs a client with the settings; with restart on, a new one after each error stop, with backoff."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.client = None
+        self.log = logging.getLogger("webqq")
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def make_client(self):
+        """(client, ok): a client with the plugins loaded (openqq before console); ok is False if one failed."""
+        client = Client(**self.settings.options)
+        Progress(client)
+        plugins = sorted(self.settings.plugins.items(), key=lambda item: item[0] == "console")
+        for name, options in plugins:
+            if client.load(name, **options) is None:  # the reason is logged: LastError repeats it
+                client.stop(status=1)
+                return client, False
+        return client, True
+
+    def run(self):
+        """Run clients until one stops with status 0, or restarts are off, or stop() was called."""
+        main = self.settings.main
+        delay = float(main["restart_delay"])
+        while True:
+            client, ok = self.make_client()
+            with self._lock:
+                self.client = client
+            started = time.time()
+            if self._stop.is_set():
+                client.stop()
+            status = client.run() if ok and not self._stop.is_set() else client.exit_status
+            if status == 0 or not main["restart"] or self._stop.is_set():
+                return status
+            if time.time() - started > 600:
+                delay = float(main["restart_delay"])
+            self.log.warning("客户端异常停止，%g秒后重新启动 (restarting in %g s)", delay, delay)
+            if self._stop.wait(delay):
+                return status
+            delay = min(delay * 2, float(main["restart_delay_max"]))
+
+    def stop(self):
+        """Stop the current client and start no other; returns when it has stopped."""
+        self._stop.set()
+        with self._lock:
+            client = self.client
+        if client is not None:
+            client.stop(reason="terminated")
 
 
 def load_simulator():
@@ -2702,44 +3460,6 @@ def load_simulator():
     return module
 
 
-def main(argv=None):
-    """The command line: options from the config file, then flags; runs until stopped."""
-    args = build_parser().parse_args(argv)
-    config = args.config or (os.path.join(HERE, CONFIG_NAME) if os.path.exists(os.path.join(HERE, CONFIG_NAME))
-                             else None)
-    options, plugins = read_config(config) if config else ({}, [("showmsg", {}), ("openqq", {})])
-    for name in ("account", "tmpdir", "upstream", "smartqq_base", "send_interval", "qrcode_display",
-                 "log_level", "log_path"):
-        if getattr(args, name) is not None:
-            options[name] = getattr(args, name)
-    plugins = [(name, opts) for name, opts in plugins if not (args.no_openqq and name == "openqq")]
-    for name, opts in plugins:
-        if name == "openqq":
-            if args.listen:
-                opts["listen"] = [parse_listen(text) for text in args.listen]
-            if args.post_api:
-                opts["post_api"] = args.post_api
-            if args.access_token:
-                opts["access_token"] = args.access_token
-    sim = None
-    if args.demo:
-        sim = start_demo(options)
-    client = Client(**options)
-    for name, opts in plugins:
-        client.load(name, **opts)
-    try:
-        import signal
-        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
-            target=client.stop, name="webqq-signal", kwargs={"reason": "terminated"}).start())
-    except (ImportError, ValueError, AttributeError):
-        pass
-    try:
-        return client.run()
-    finally:
-        if sim is not None:
-            sim.stop()
-
-
 def start_demo(options):
     """Start the simulator in-process with a world to talk to; point options at it."""
     module = load_simulator()
@@ -2750,6 +3470,52 @@ def start_demo(options):
     options.setdefault("send_interval", 1.0)
     logging.getLogger("webqq").info("demo: the simulated QQ service runs at %s (it scans the QR by itself)", sim.url)
     return sim
+
+
+def main(argv=None):
+    """The command line: config file, then WEBQQ_* variables, then flags; runs until stopped; the exit status."""
+    for stream in (sys.stdout, sys.stderr):
+        fix_console_encoding(stream)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["controller"], ["--controller"]):   # the multi-account Controller API
+        from plugins import controller
+        return controller.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.init_config is not None:
+        return write_init_config(args.init_config)
+    pause = args.opt_pause_on_error or os.environ.get(ENV_PREFIX + "PAUSE_ON_ERROR") or "auto"
+    try:
+        settings = load_settings(args, os.environ)
+    except ConfigError as e:
+        report_fatal(str(e), pause)
+        return 2
+    if args.check_config:
+        sys.stdout.write(settings.render())
+        return 0
+    last_error = LastError()
+    logging.getLogger("webqq").addHandler(last_error)
+    runner, sim = Runner(settings), None
+    try:
+        import signal
+        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=runner.stop, name="webqq-signal").start())
+    except (ImportError, ValueError, AttributeError):
+        pass
+    try:
+        if args.demo:
+            sim = start_demo(settings.options)
+        status = runner.run()
+    except KeyboardInterrupt:
+        runner.stop()
+        status = 0
+    except (ValueError, TypeError, OSError) as e:
+        status, last_error.message = 1, str(e)
+    finally:
+        logging.getLogger("webqq").removeHandler(last_error)
+        if sim is not None:
+            sim.stop()
+    if status:
+        report_fatal(last_error.message or "webqq stopped with status %d" % status, settings.main["pause_on_error"])
+    return status
 
 
 if __name__ == "__main__":

@@ -485,6 +485,13 @@ def peer_alive(sock):
 Report = collections.namedtuple("Report", "body post_type msg")
 
 
+def describe(report):
+    """A report as log lines name it: its post_type and message id, or "event" and the event."""
+    if report.msg is not None:
+        return "%s %s" % (report.post_type, report.msg.id)
+    return "event %s" % json.loads(report.body.decode("utf-8")).get("event")
+
+
 def outgoing(log):
     """The core's Http for post_api and poll_api: no cookies shared with the upstream, no redirects."""
     return Http(jar=http.cookiejar.CookieJar(), log=log, user_agent="webqq/%s" % __version__)
@@ -534,8 +541,7 @@ class Reporter(object):
                 lost = longest.popleft()
                 self.pending -= 1
                 self.counts["dropped"] += 1
-                self.log.warning("post_api queue full (%d): dropped report %s", self.capacity,
-                                 lost.body[:200].decode("utf-8", "replace"))
+                self.log.warning("post_api queue full (%d): dropped report %s", self.capacity, describe(lost))
             self.queues[index].append(report)
             self.pending += 1
             self.conds[index].notify()
@@ -551,6 +557,9 @@ class Reporter(object):
                 while not queue and not self.stopping.is_set():
                     cond.wait()
                 if not queue or (self.deadline and time.monotonic() > self.deadline):
+                    if queue:
+                        self.log.warning("post_api stopped: dropped %d queued report(s): %s", len(queue),
+                                         ", ".join(describe(r) for r in queue))
                     self.counts["dropped"] += len(queue)
                     self.pending -= len(queue)
                     queue.clear()
@@ -708,7 +717,7 @@ class Api(object):
             self.guard.check(req)
             if req.method == "OPTIONS":
                 return Response(b"", 200, self.guard.cors_headers(req, preflight=True))
-            route = self.ROUTES.get(req.path)
+            route = self.ROUTES.get(req.path) or self.mounted(req.path)
             method = "GET" if req.method == "HEAD" else req.method
             if route is None or method not in route[0].split():
                 raise ApiError(403, NOT_FOUND, "api not found")
@@ -719,7 +728,7 @@ class Api(object):
                     raise bad_request("callback must match [A-Za-z0-9_.$]{1,128}")
             if route[1] and self.client.state != "running":
                 raise self.not_running()
-            result = getattr(self, route[2])(req)
+            result = (route[2] if callable(route[2]) else getattr(self, route[2]))(req)
             resp = result if isinstance(result, Response) else Response(
                 result if isinstance(result, bytes) else json_dumps(result).encode("utf-8"))
         except ApiError as e:
@@ -732,6 +741,13 @@ class Api(object):
             resp.content_type = "application/javascript; charset=utf-8"
         resp.headers.extend(self.guard.cors_headers(req))
         return resp
+
+    def mounted(self, path):
+        """The route of a handler another plugin mounted on a prefix of path (Openqq.mount), or None."""
+        for prefix, handler in self.plugin.mounts:
+            if path.startswith(prefix):
+                return ("GET POST", False, handler)
+        return None
 
     def not_running(self):
         state = self.client.state
@@ -1283,6 +1299,7 @@ class Openqq(object):
         self.poller = Poller(self, self.opts["poll_api"]) if self.opts["poll_api"] else None
         self.api = Api(self)
         self.servers = []
+        self.mounts = []  # (path prefix, handler) pairs of other plugins: mount()
         self.threads = set()
         self.waiters = set()
         self.stopped = threading.Event()
@@ -1339,6 +1356,13 @@ class Openqq(object):
         self.client.on("all_event", self.on_event)
         self.log.info("openqq listening on %s", ", ".join(s.url for s in self.servers))
         return self
+
+    def mount(self, prefix, handler):
+        """Serve the paths under prefix with handler(req), behind the same token and cross-site rules.
+
+        handler returns a Response or JSON-able data, or raises ApiError; it runs on the connection's thread.
+        """
+        self.mounts.append((prefix, handler))
 
     @property
     def urls(self):
