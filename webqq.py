@@ -3141,7 +3141,8 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="webqq", allow_abbrev=False, usage="%(prog)s [-c FILE] [--demo] [--init-config [PATH]] [options]",
         description="A QQ client serving the Openqq HTTP API of Mojo-Webqq. Settings come from webqq.ini "
-                    "(next to webqq.py, or -c FILE), then WEBQQ_<OPTION> environment variables, then these flags.")
+                    "(next to webqq.py, or -c FILE), then WEBQQ_<OPTION> environment variables, then these flags.",
+        epilog="The multi-account Controller API: %(prog)s controller --help")
     parser.add_argument("--version", action="version", version="webqq " + __version__)
     start = parser.add_argument_group("start and configuration")
     start.add_argument("--demo", action="store_true",

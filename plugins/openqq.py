@@ -26,8 +26,11 @@ import hashlib
 import hmac
 import http.cookiejar
 import ipaddress
+import itertools
 import json
+import logging
 import re
+import selectors
 import socket
 import socketserver
 import ssl
@@ -148,9 +151,12 @@ def bad_request(status, http_status=400):
 
 
 class Response(object):
-    """What the API answers: body bytes, HTTP status, headers, and what to do if it can't be delivered."""
+    """What the API answers: body bytes, HTTP status, headers, and what to do if it can't be delivered.
 
-    __slots__ = ("body", "status", "headers", "content_type", "undelivered")
+    `wait_for` = (ready, seconds) is no answer yet: ask again once ready() is true or seconds passed.
+    """
+
+    __slots__ = ("body", "status", "headers", "content_type", "undelivered", "wait_for")
 
     def __init__(self, body, status=200, headers=(), content_type="application/json; charset=utf-8"):
         self.body = body
@@ -158,12 +164,17 @@ class Response(object):
         self.headers = list(headers)
         self.content_type = content_type
         self.undelivered = None
+        self.wait_for = None
 
 
 class Request(object):
-    """One API call as the routes see it, whether it came over HTTP or from a poll_api redirect."""
+    """One API call as the routes see it, whether it came over HTTP or from a poll_api redirect.
 
-    __slots__ = ("method", "path", "params", "headers", "scheme", "alive", "trusted")
+    `parkable`: a long-poll may answer wait_for instead of waiting on this thread (see Parker);
+    `wait`: seconds it may still wait, when not the route's own timeout.
+    """
+
+    __slots__ = ("method", "path", "params", "headers", "scheme", "alive", "trusted", "parkable", "wait")
 
     def __init__(self, method, path, params, headers=None, scheme="http", alive=None, trusted=False):
         self.method = method
@@ -173,6 +184,8 @@ class Request(object):
         self.scheme = scheme
         self.alive = alive or (lambda: True)
         self.trusted = trusted
+        self.parkable = False
+        self.wait = None
 
     def param(self, name):
         """The parameter's value (the first one if it was repeated), or None."""
@@ -400,6 +413,7 @@ class EventHub(object):
         self.seq = 0
         self.dropped = 0
         self.closed = False
+        self.listeners = []         # called after every change (the parkers' wake-ups)
 
     def put(self, item):
         with self.cond:
@@ -407,7 +421,21 @@ class EventHub(object):
             self.history.append((self.seq, item))
             self.queue.append(item)
             self._trim()
-            self.cond.notify_all()
+            self._changed()
+
+    def _changed(self):
+        self.cond.notify_all()
+        for listener in self.listeners:
+            listener()
+
+    def ready(self, cursor=None):
+        """True when take() (cursor None) or read(cursor) would answer at once."""
+        with self.cond:
+            if self.closed:
+                return True
+            if cursor is None:
+                return bool(self.queue)
+            return self.seq > (cursor if cursor <= self.seq else 0)
 
     def _trim(self):
         while len(self.queue) > self.max_size:
@@ -436,7 +464,7 @@ class EventHub(object):
         with self.cond:
             self.queue.extendleft(reversed(items))
             self._trim()
-            self.cond.notify_all()
+            self._changed()
 
     def read(self, cursor, timeout, alive):
         """(seq, item) pairs after cursor, waiting up to timeout; a cursor ahead of us starts over."""
@@ -449,13 +477,14 @@ class EventHub(object):
                 if self.closed or left <= 0 or not alive():
                     return []
                 self.cond.wait(left)
-            return [pair for pair in self.history if pair[0] > cursor]
+            fresh = min(self.seq - cursor, len(self.history))     # the history's seqs are consecutive
+            return list(itertools.islice(self.history, len(self.history) - fresh, None))
 
     def close(self):
         """Wake every waiting poller; they answer at once from now on."""
         with self.cond:
             self.closed = True
-            self.cond.notify_all()
+            self._changed()
 
 
 def peer_alive(sock):
@@ -931,15 +960,21 @@ class Api(object):
     def check_event(self, req):
         hub, timeout = self.plugin.hub, self.plugin.opts["check_event_timeout"]
         cursor = req.param("cursor")
-        if cursor is None:
+        start = None if cursor is None else to_int(cursor)
+        if cursor is not None and (start is None or start < 0):
+            raise bad_request("cursor must be a number >= 0")
+        if req.wait is not None:
+            timeout = req.wait
+        elif req.parkable and not hub.ready(start):
+            resp = Response(b"")
+            resp.wait_for = (lambda: hub.ready(start), timeout)
+            return resp
+        if start is None:
             items = hub.take(timeout, req.alive) or []
             resp = Response(json_dumps(items).encode("utf-8"))
             if items:
                 resp.undelivered = lambda: hub.give_back(items)
             return resp
-        start = to_int(cursor)
-        if start is None or start < 0:
-            raise bad_request("cursor must be a number >= 0")
         pairs = hub.read(start, timeout, req.alive)
         items = [dict(item, cursor=seq) for seq, item in pairs]
         following = pairs[-1][0] if pairs else min(start, hub.seq)
@@ -996,11 +1031,35 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         try:
-            resp = self.server.api.handle(self.read_request())
+            req = self.read_request()
+            resp = self.server.api.handle(req)
         except ApiError as e:
             self.close_connection = True     # the body may be unread: don't parse it as a request
             resp = e.response()
+        if resp.wait_for is not None:
+            if not self.buffered():
+                self.park(req, *resp.wait_for)
+                return
+            req.parkable, req.trusted = False, True      # a next request is already here: wait on this thread
+            resp = self.server.api.handle(req)
         self.send(resp)
+
+    def buffered(self):
+        """True when bytes of a next request already sit in this connection's read buffer."""
+        self.connection.settimeout(0)
+        try:
+            return bool(self.rfile.peek(1))
+        except OSError:
+            return False
+        finally:
+            self.connection.settimeout(self.timeout)
+
+    def park(self, req, ready, timeout):
+        """Leave req to the server's Parker: this thread ends and the connection waits without one."""
+        entry = Parked(self, req, ready, timeout)
+        with self.server.active_lock:
+            self.server.parking[self.connection] = entry
+        self.close_connection = True
 
     do_POST = do_HEAD = do_OPTIONS = do_PUT = do_DELETE = do_PATCH = do_GET
 
@@ -1016,7 +1075,9 @@ class Handler(BaseHTTPRequestHandler):
         headers = {k.lower(): v for k, v in self.headers.items()}
         scheme = "https" if self.server.tls is not None else "http"
         connection = self.connection
-        return Request(self.command, path, params, headers, scheme, lambda: peer_alive(connection))
+        req = Request(self.command, path, params, headers, scheme, lambda: peer_alive(connection))
+        req.parkable = self.server.parker is not None
+        return req
 
     def read_body(self):
         limit = self.server.max_body_size
@@ -1057,8 +1118,8 @@ class Handler(BaseHTTPRequestHandler):
             pass
         return b"".join(chunks)
 
-    def send(self, resp):
-        """Write resp in one piece; if the caller is gone, let it take its items back."""
+    def answer(self, resp):
+        """(head, body): the bytes this connection sends for resp."""
         body = b"" if self.command == "HEAD" else resp.body
         lines = ["HTTP/1.1 %d %s" % (resp.status, self.responses.get(resp.status, ("",))[0]),
                  "Server: " + self.server_version,
@@ -1071,9 +1132,17 @@ class Handler(BaseHTTPRequestHandler):
             lines.append("Connection: close")
         elif getattr(self, "request_version", "") == "HTTP/1.0":
             lines.append("Connection: keep-alive")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace"), body
+
+    def send(self, resp):
+        """Write resp; if the caller is gone, let it take its items back."""
+        head, body = self.answer(resp)
         try:
-            self.wfile.write(head + body)
+            if len(body) > 65536:        # not copied behind the head: a copy costs more than a second write
+                self.wfile.write(head)
+                self.wfile.write(body)
+            else:
+                self.wfile.write(head + body)
         except OSError:
             self.close_connection = True
             if resp.undelivered is not None:
@@ -1087,7 +1156,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send(bad_request(message or self.responses.get(code, ("error",))[0], code).response())
 
     def log_message(self, fmt, *args):
-        self.server.log.debug("openqq %s %s", self.address_string(), redact(fmt % args))
+        if self.server.log.isEnabledFor(logging.DEBUG):     # formatting every request line costs
+            self.server.log.debug("openqq %s %s", self.address_string(), redact(fmt % args))
 
 
 class Server(ThreadingHTTPServer):
@@ -1112,6 +1182,13 @@ class Server(ThreadingHTTPServer):
         ThreadingHTTPServer.__init__(self, (host, entry["port"]), Handler)
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.5},
                                        name="openqq-http-%d" % self.port, daemon=True)
+        self.parker = Parker(self, api.plugin.hub) if self.tls is None else None
+        self.parking = {}       # socket -> Parked, until its connection thread lets go of the socket
+
+    def start(self):
+        self.thread.start()
+        if self.parker is not None:
+            self.parker.thread.start()
 
     @property
     def port(self):
@@ -1137,7 +1214,7 @@ class Server(ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         with self.active_lock:
-            full = len(self.active) >= self.max_connections
+            full = len(self.active) + (len(self.parker) if self.parker is not None else 0) >= self.max_connections
         if full:
             self.refuse(request)
             return
@@ -1153,6 +1230,35 @@ class Server(ThreadingHTTPServer):
         finally:
             with self.active_lock:
                 self.active.pop(threading.current_thread(), None)
+
+    def shutdown_request(self, request):
+        with self.active_lock:
+            entry = self.parking.pop(request, None)
+        if entry is not None:
+            self.parker.park(entry)
+        else:
+            ThreadingHTTPServer.shutdown_request(self, request)
+
+    def resume(self, request, client_address, rest=b"", undelivered=None):
+        """Serve a connection the parker held on a thread again, once the rest of its answer is written."""
+        t = threading.Thread(target=self.resume_thread, args=(request, client_address, rest, undelivered),
+                             name="openqq-conn-%d" % self.port, daemon=True)
+        with self.active_lock:
+            self.active[t] = request
+        t.start()
+
+    def resume_thread(self, request, client_address, rest, undelivered):
+        try:
+            request.settimeout(self.request_timeout)
+            request.sendall(rest)
+        except OSError:
+            if undelivered is not None:
+                undelivered()
+            with self.active_lock:
+                self.active.pop(threading.current_thread(), None)
+            ThreadingHTTPServer.shutdown_request(self, request)
+            return
+        self.process_request_thread(request, client_address)
 
     def track(self, sock):
         """Remember the socket a connection thread really uses (the TLS one) for close()."""
@@ -1178,6 +1284,11 @@ class Server(ThreadingHTTPServer):
         else:
             self.log.exception("openqq connection from %s failed", client_address[0])
 
+    def server_close(self):
+        ThreadingHTTPServer.server_close(self)
+        if self.parker is not None:
+            self.parker.stop()
+
     def close(self):
         """Stop accepting, cut every open connection, and wait for the connection threads."""
         if self.thread.is_alive():
@@ -1193,6 +1304,157 @@ class Server(ThreadingHTTPServer):
         for t, _ in active:
             if t is not threading.current_thread():
                 t.join(5)
+
+
+class Parked(object):
+    """A connection the Parker holds: waiting for its check_event answer (req), or idle (req None)."""
+
+    __slots__ = ("sock", "address", "handler", "req", "ready", "deadline", "keep_alive")
+
+    def __init__(self, handler, req, ready, timeout):
+        self.sock, self.address, self.handler = handler.connection, handler.client_address, handler
+        self.req, self.ready = req, ready
+        self.deadline = time.monotonic() + timeout
+        self.keep_alive = not handler.close_connection
+
+
+class Parker(object):
+    """check_event long-polls waiting without a thread each, answered together by one thread.
+
+    A waiting thread costs little until the event comes; then waking a thousand of them at once
+    keeps the interpreter lock busy for most of a second, while one thread writes a thousand
+    answers in milliseconds. After its answer a connection stays here, idle, until its next
+    request arrives, which gets a thread again. TLS connections wait on their own threads.
+    """
+
+    def __init__(self, server, hub):
+        self.server = server
+        self.hub = hub
+        self.selector = selectors.DefaultSelector()
+        self.wakeup, self.waker = socket.socketpair()
+        for sock in (self.wakeup, self.waker):
+            sock.setblocking(False)
+        self.selector.register(self.wakeup, selectors.EVENT_READ)
+        self.lock = threading.Lock()
+        self.arriving = []
+        self.parked = {}            # socket -> Parked; only the parker's thread changes it
+        self.news = False           # the hub changed: some waiting poller may be ready
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, name="openqq-park-%d" % server.port, daemon=True)
+        hub.listeners.append(self.notice)
+
+    def __len__(self):
+        return len(self.parked) + len(self.arriving)
+
+    def park(self, entry):
+        with self.lock:
+            self.arriving.append(entry)
+        self.wake()
+
+    def notice(self):
+        self.news = True
+        self.wake()
+
+    def wake(self):
+        try:
+            self.waker.send(b"\0")
+        except OSError:             # its buffer is full (a wake-up is pending anyway), or it is closed
+            pass
+
+    def run(self):
+        while True:
+            with self.lock:
+                if self.stopping:
+                    return
+                arriving, self.arriving = self.arriving, []
+            for entry in arriving:
+                entry.sock.settimeout(0)
+                self.parked[entry.sock] = entry
+                self.selector.register(entry.sock, selectors.EVENT_READ, entry)
+            news, self.news = self.news or bool(arriving), False
+            now = time.monotonic()
+            for entry in [e for e in self.parked.values()
+                          if e.deadline <= now or (news and e.req is not None and e.ready())]:
+                try:
+                    self.due(entry)
+                except Exception:
+                    self.server.log.exception("openqq parked request failed")
+                    self.drop(entry)
+            soonest = min([e.deadline for e in self.parked.values()] or [now + 60])
+            for key, _ in self.selector.select(max(0.0, soonest - time.monotonic())):
+                if key.data is None:
+                    while self.wakeup.recv(4096) == 4096:
+                        pass
+                elif key.data.sock in self.parked:
+                    self.readable(key.data)
+
+    def due(self, entry):
+        """Answer a waiting entry (ready, or its time is up); close an idle one whose time is up."""
+        if entry.req is None:
+            self.drop(entry)                # as a connection thread's read times out
+            return
+        req, entry.req = entry.req, None
+        req.parkable, req.wait, req.trusted = False, 0, True    # it passed the guard when it came
+        resp = self.server.api.handle(req)
+        handler = entry.handler
+        handler.close_connection = not entry.keep_alive
+        data = b"".join(handler.answer(resp))
+        try:
+            sent = entry.sock.send(data)
+        except OSError:
+            if resp.undelivered is not None:
+                resp.undelivered()
+            self.drop(entry)
+            return
+        handler.log_request(resp.status, len(data))
+        if sent < len(data):
+            self.release(entry, data[sent:], resp.undelivered)
+        elif not entry.keep_alive:
+            self.drop(entry)
+        else:
+            entry.deadline = time.monotonic() + self.server.request_timeout
+
+    def readable(self, entry):
+        try:
+            data = entry.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.drop(entry)                # the client hung up: nothing was taken for it
+        elif entry.req is not None:
+            entry.deadline = 0              # a request behind the long-poll: answer it now, then serve on
+        else:
+            self.release(entry)
+
+    def release(self, entry, rest=b"", undelivered=None):
+        """Give the connection back to a thread of the server."""
+        self.selector.unregister(entry.sock)
+        del self.parked[entry.sock]
+        self.server.resume(entry.sock, entry.address, rest, undelivered)
+
+    def drop(self, entry):
+        if self.parked.pop(entry.sock, None) is not None:
+            self.selector.unregister(entry.sock)
+        ThreadingHTTPServer.shutdown_request(self.server, entry.sock)
+
+    def stop(self):
+        """End the thread and close every connection held here."""
+        with self.lock:
+            self.stopping = True
+        self.wake()
+        if self.thread.ident is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+        for entry in list(self.parked.values()) + self.arriving:
+            ThreadingHTTPServer.shutdown_request(self.server, entry.sock)
+        self.parked.clear()
+        self.arriving = []
+        self.selector.close()
+        self.wakeup.close()
+        self.waker.close()
+        if self.notice in self.hub.listeners:
+            self.hub.listeners.remove(self.notice)
 
 
 def tls_context(entry):
@@ -1348,7 +1610,7 @@ class Openqq(object):
                 server.server_close()
             raise
         for server in self.servers:
-            server.thread.start()
+            server.start()
         if self.reporter is not None:
             self.reporter.start()
         if self.poller is not None:
