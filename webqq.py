@@ -402,6 +402,8 @@ class Http(object):
         self._tracker = _SocketTracker()
         if requests is not None:
             self._session = _requests_session(self._tracker, self.jar)
+            self._local_session = _requests_session(self._tracker, self.jar)
+            self._local_session.trust_env = False   # plain http to loopback: no proxy/netrc lookups per call
         else:
             self._session = None
             self._opener = _urllib_opener(self._tracker, self.jar)
@@ -459,9 +461,10 @@ class Http(object):
         local = is_loopback(urllib.parse.urlsplit(url).hostname)
         try:
             if self._session is not None:
-                r = self._session.request(method, url, data=data, headers=headers,
-                                          timeout=(min(10.0, timeout), timeout), allow_redirects=False,
-                                          proxies=NO_PROXIES if local else None)
+                session = self._local_session if local and url.startswith("http:") else self._session
+                r = session.request(method, url, data=data, headers=headers,
+                                    timeout=(min(10.0, timeout), timeout), allow_redirects=False,
+                                    proxies=NO_PROXIES if local else None)
                 return Response(r.status_code, {k.lower(): v for k, v in r.headers.items()},
                                 r.content, url)
             req = urllib.request.Request(url, data=data, headers=headers, method=method)
@@ -489,6 +492,7 @@ class Http(object):
         self.abort()
         if self._session is not None:
             self._session.close()
+            self._local_session.close()
 
     # -- cookies --------------------------------------------------------------
 
@@ -547,7 +551,9 @@ class Model(object):
 
     __slots__ = ()
     FIELDS = ()
-    STICKY = ("uid", "role", "owner_uid", "join_time", "last_speak_time")  # a refresh without them keeps them
+    # Fields another request fills in (QQ numbers, a group's detail): a refresh without them keeps them.
+    STICKY = ("uid", "role", "owner_uid", "join_time", "last_speak_time", "owner_id", "memo", "createtime",
+              "level", "max_member", "max_admin")
 
     def __init__(self, **fields):
         for name in self.__slots__:

@@ -30,7 +30,7 @@ def describe(msg):
         if place is not None:
             who += "|" + str(place.displayname)
     else:
-        target = place if msg.type != "sess_message" else msg.receiver
+        target = msg.receiver if msg.type in ("friend_message", "sess_message") else place
         who = "我->%s" % (target.displayname if target is not None else "?")
     line = "[%s] %s : %s" % (LABELS.get(msg.type, msg.type), who, msg.content)
     if msg.cls == "send" and msg.code not in (0, None):
