@@ -517,16 +517,24 @@ class Http(object):
             path, True, False, None, False, None, None, {}))
 
     def save_cookies(self, path):
-        """Write the jar to path as JSON (mode 0600)."""
+        """Write the jar to path as JSON (mode 0600); False (logged) when that is not possible."""
         cookies = [{"name": c.name, "value": c.value, "domain": c.domain, "path": c.path,
                     "secure": c.secure, "expires": c.expires,
                     "domain_specified": c.domain_specified} for c in self.jar]
-        atomic_write(path, json.dumps(cookies, indent=1))
+        try:
+            atomic_write(path, json.dumps(cookies, indent=1))
+            return True
+        except OSError as e:
+            self.log.error("cookie文件写入失败 (cannot write the cookie file) %s: %s", path, e)
+            return False
 
     def load_cookies(self, path):
-        """Read a jar written by save_cookies; False when there is none or it is unreadable."""
+        """Read a jar written by save_cookies; False when there is none, it is unreadable, or it is not ours."""
         try:
             with open(path, "rb") as f:
+                if hasattr(os, "geteuid") and os.fstat(f.fileno()).st_uid != os.geteuid():
+                    self.log.warning("cookie文件属于其他用户，不使用 (%s belongs to another user: not used)", path)
+                    return False
                 cookies = json.loads(f.read().decode("utf-8"))
             for c in cookies:
                 domain = c["domain"]
@@ -1840,6 +1848,9 @@ class Client(EventEmitter):
         self.tmpdir = opts["tmpdir"] or tempfile.gettempdir()
         if not os.path.isdir(self.tmpdir):
             os.makedirs(self.tmpdir, 0o700)
+        elif opts["tmpdir"] and os.name != "nt" and os.stat(self.tmpdir).st_mode & 0o022:
+            self.log.warning("tmpdir %s is writable by other users: keep the cookie, QR and state files in a "
+                             "private folder (mode 0700)", self.tmpdir)
         for kind, ext in (("cookie", "dat"), ("qrcode", "png"), ("pid", "pid"), ("state", "json")):
             path = opts[kind + "_path"] or os.path.join(self.tmpdir, "mojo_webqq_%s_%s.%s" % (kind, self.account, ext))
             setattr(self, kind + "_path", path)
@@ -2024,7 +2035,10 @@ class Client(EventEmitter):
     def show_qrcode(self, png):
         """A new QR code to scan: write it to qrcode_path and emit input_qrcode."""
         self.qrcode = png
-        atomic_write(self.qrcode_path, png)
+        try:
+            atomic_write(self.qrcode_path, png)
+        except OSError as e:  # e.g. another user's file of that name in a shared folder
+            self.log.error("二维码文件写入失败 (cannot write the QR file) %s: %s", self.qrcode_path, e)
         self.log.info("请使用手机QQ扫描二维码 (scan the QR code with the QQ app): %s", self.qrcode_path)
         self.emit("input_qrcode", self.qrcode_path, png)
 
@@ -2240,6 +2254,8 @@ class Client(EventEmitter):
 
     def ensure_members(self, group):
         """Make sure a group's members are loaded (fetching them now if not)."""
+        if group.members_loaded:        # no waiting behind a refresh that holds the lock
+            return True
         with self._refresh_lock:
             if not group.members_loaded:
                 self.load_members(group)

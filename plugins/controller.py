@@ -485,8 +485,7 @@ class Server(openqq.Server):
     """openqq's server (keep-alive, connection cap, TLS) answering with the controller's Api."""
 
     def __init__(self, entry, api, opts, log):
-        openqq.Server.__init__(self, entry, api, opts, log)
-        self.RequestHandlerClass = Handler
+        openqq.Server.__init__(self, entry, api, opts, log, handler=Handler)
         self.thread.name = "controller-http-%d" % self.port
 
 

@@ -99,7 +99,7 @@ INTERNAL_ERROR = -10
 CORS_METHODS = "OPTIONS, HEAD, GET, POST"
 CORS_HEADERS = "X-Requested-With, X-Auth-Token, Content-Type, Content-Length, Authorization"
 JSONP_NAME = re.compile(r"^[A-Za-z0-9_.$]{1,128}$")
-TOKEN_IN_TEXT = re.compile(r"(access_token=)[^&\s\"']*")
+QUERY_PAIR = re.compile(r"([?&;])([^=&;\s\"'#]*)(=?)([^&;\s\"'#]*)")
 
 
 def to_bool(value):
@@ -124,8 +124,14 @@ def perl_true(value):
 
 
 def redact(text):
-    """text with any access_token value masked, for log lines."""
-    return TOKEN_IN_TEXT.sub(r"\1***", text)
+    """text with the value of every query parameter whose name, percent-decoded, mentions a token
+    (access_token, %61ccess_token, ACCESS_TOKEN...) masked, for log lines."""
+    def mask(match):
+        sep, name, equals = match.group(1, 2, 3)
+        if "token" not in unquote_to_bytes(name).decode("latin-1").lower():
+            return match.group(0)
+        return sep + (name + "=***" if equals else "***")     # no "=": an encoded one may hide the value
+    return QUERY_PAIR.sub(mask, text)
 
 
 ###############################################################################
@@ -243,12 +249,12 @@ def parse_params(query, content_type, body):
     charset = header_param(content_type, "charset") or "utf-8"
     try:
         "".encode(charset)
-    except LookupError:
+    except (LookupError, ValueError):       # ValueError: the "undefined" codec, a NUL in the name
         raise bad_request("unknown charset %s" % charset[:40])
     if mime == "application/json" or (not mime and body.lstrip()[:1] == b"{"):
         try:
             data = json.loads(body.decode(charset))
-        except (UnicodeDecodeError, ValueError):
+        except (ValueError, RecursionError):    # RecursionError: arrays nested thousands deep
             raise bad_request("the body is not valid JSON in %s" % charset.upper())
         if not isinstance(data, dict):
             raise bad_request("a JSON body must be an object")
@@ -279,7 +285,7 @@ def multipart_pairs(content_type, body, charset):
         data = part.get_payload(decode=True) or b""
         try:
             yield str(name), data.decode(part.get_content_charset() or charset)
-        except (UnicodeDecodeError, LookupError):
+        except (ValueError, LookupError):
             raise bad_request("multipart field %s is not %s" % (str(name)[:40], charset.upper()))
 
 
@@ -352,13 +358,17 @@ class Guard(object):
                 given = value.strip()
         if not isinstance(given, str):
             return False
-        return hmac.compare_digest(given.encode("utf-8"), self.token)
+        return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), self.token)   # JSON may hold lone surrogates
 
     def allowed(self, origin):
         return origin is not None and ("*" in self.allow_origin or origin in self.allow_origin)
 
     def site_ok(self, req):
-        """False for what a browser marks cross-site, or sends with a foreign Origin, unless allowed."""
+        """False for what a browser marks cross-site, or sends with a foreign Origin, unless allowed;
+        and, when no token guards the API, for a browser's request to a name that isn't localhost's:
+        a page whose name was made to resolve to 127.0.0.1 (DNS rebinding) is same-origin to it."""
+        if self.token is None and self.auth is None and self.from_browser(req) and not self.local_host(req):
+            return False
         origin = req.headers.get("origin")
         if origin is not None:
             origin = origin.rstrip("/").lower()
@@ -366,6 +376,22 @@ class Guard(object):
         if req.headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site"):
             return self.allowed(url_origin(req.headers.get("referer")))
         return True
+
+    @staticmethod
+    def from_browser(req):
+        return "sec-fetch-site" in req.headers or req.headers.get("user-agent", "").startswith("Mozilla/")
+
+    def local_host(self, req):
+        """True when the Host header is an IP address, localhost, absent, or the host of an allowed origin."""
+        host = req.headers.get("host", "").strip().lower()
+        name = re.sub(r":\d*$", "", host).strip("[]")
+        if not name or name == "localhost" or name.endswith(".localhost"):
+            return True
+        try:
+            ipaddress.ip_address(name.split("%")[0])
+            return True
+        except ValueError:
+            return self.allowed(url_origin("%s://%s" % (req.scheme, host)))
 
     @staticmethod
     def own_origin(req):
@@ -703,6 +729,11 @@ def jsonable(value):
     return str(value)
 
 
+def json_list(objects, to_json):
+    """json_dumps([to_json(o) for o in objects]) as bytes, one object at a time: never every dict at once."""
+    return b"[%s]" % b",".join(json_dumps(to_json(o)).encode("utf-8") for o in objects)
+
+
 def not_found(code, what):
     return {"code": code, "id": None, "status": "%s not found" % what}
 
@@ -738,6 +769,8 @@ class Api(object):
         self.guard = plugin.guard
         self.log = plugin.log
         self.cache = {}
+        self.cache_lock = threading.Lock()
+        self.events_answer = (None, b"[]")     # the last cursor-mode answer: many readers ask the same
 
     def handle(self, req):
         """Answer one request; never raises."""
@@ -785,30 +818,32 @@ class Api(object):
     # -- info ------------------------------------------------------------------
 
     def cached(self, key, build):
-        """JSON bytes of build(), reused until the contacts change."""
+        """The JSON bytes build() makes, reused until the contacts change; one thread builds, the
+        others wait for its bytes (40,000 group members make 9 MB of JSON and take half a second)."""
         version = self.contacts.version
         hit = self.cache.get(key)
-        if hit is not None and hit[0] == version:
-            return hit[1]
-        data = json_dumps(build()).encode("utf-8")
-        self.cache[key] = (version, data)
-        return data
+        if hit is None or hit[0] != version:
+            with self.cache_lock:
+                hit = self.cache.get(key)
+                if hit is None or hit[0] != version:
+                    hit = self.cache[key] = (version, build())
+        return hit[1]
 
     def get_user_info(self, req):
-        return self.cached("user", lambda: self.contacts.user.to_json())
+        return self.cached("user", lambda: json_dumps(self.contacts.user.to_json()).encode("utf-8"))
 
     def get_friend_info(self, req):
-        return self.cached("friends", lambda: [f.to_json() for f in self.contacts.friends()])
+        return self.cached("friends", lambda: json_list(self.contacts.friends(), lambda f: f.to_json()))
 
     def get_group_info(self, req):
-        return self.cached("groups", lambda: [g.to_json() for g in self.contacts.groups()])
+        return self.cached("groups", lambda: json_list(self.contacts.groups(), lambda g: g.to_json()))
 
     def get_group_basic_info(self, req):
         return self.cached("groups_basic",
-                           lambda: [g.to_json(members=False) for g in self.contacts.groups()])
+                           lambda: json_list(self.contacts.groups(), lambda g: g.to_json(members=False)))
 
     def get_discuss_info(self, req):
-        return self.cached("discusses", lambda: [d.to_json() for d in self.contacts.discusses()])
+        return self.cached("discusses", lambda: json_list(self.contacts.discusses(), lambda d: d.to_json()))
 
     # -- search ------------------------------------------------------------------
 
@@ -976,9 +1011,11 @@ class Api(object):
                 resp.undelivered = lambda: hub.give_back(items)
             return resp
         pairs = hub.read(start, timeout, req.alive)
-        items = [dict(item, cursor=seq) for seq, item in pairs]
         following = pairs[-1][0] if pairs else min(start, hub.seq)
-        return Response(json_dumps(items).encode("utf-8"), headers=[("X-Cursor", str(following))])
+        span = (pairs[0][0], following) if pairs else None      # the seqs are consecutive: span fixes the items
+        if span is None or self.events_answer[0] != span:
+            self.events_answer = (span, json_dumps([dict(item, cursor=seq) for seq, item in pairs]).encode("utf-8"))
+        return Response(self.events_answer[1], headers=[("X-Cursor", str(following))])
 
     def get_client_info(self, req):
         info = dict(self.client.client_info(), code=0, status="success", state=self.client.state)
@@ -1006,6 +1043,16 @@ class Api(object):
 ###############################################################################
 
 
+def send_gathered(sock, head, body):
+    """sock.sendall(head + body) without building head + body: one system call for both if it can."""
+    sent = sock.sendmsg([head, body])
+    if sent < len(head):
+        sock.sendall(head[sent:])
+        sock.sendall(body)
+    else:
+        sock.sendall(memoryview(body)[sent - len(head):])
+
+
 class Handler(BaseHTTPRequestHandler):
     """One connection: reads requests, hands them to the Api, writes the answers; keep-alive."""
 
@@ -1023,11 +1070,31 @@ class Handler(BaseHTTPRequestHandler):
         BaseHTTPRequestHandler.setup(self)
 
     def finish(self):
+        self.server.awaiting(self.connection, None)
         try:
             BaseHTTPRequestHandler.finish(self)
         finally:
             if self.server.tls is not None:
                 self.request.close()
+
+    def handle_one_request(self):
+        self.server.awaiting(self.connection, self.timeout)    # the whole request must arrive in time
+        BaseHTTPRequestHandler.handle_one_request(self)
+
+    def parse_request(self):
+        """http.server's, after the empty lines a client may send before a request (RFC 9112 2.2);
+        a request line of blanks gets 400 instead of a silent close."""
+        for _ in range(4):
+            if self.raw_requestline not in (b"\r\n", b"\n"):
+                break
+            self.raw_requestline = self.rfile.readline(65537)
+        if self.raw_requestline.strip() and len(self.raw_requestline) <= 65536:
+            return BaseHTTPRequestHandler.parse_request(self)
+        self.command = self.requestline = self.request_version = ""
+        self.close_connection = True
+        if self.raw_requestline:
+            self.send_error(414 if len(self.raw_requestline) > 65536 else 400)
+        return False
 
     def do_GET(self):
         try:
@@ -1069,7 +1136,10 @@ class Handler(BaseHTTPRequestHandler):
             target = target.split("/", 3)[3] if target.count("/") >= 3 else ""
             target = "/" + target
         path, _, query = target.partition("?")
-        body = self.read_body()
+        try:
+            body = self.read_body()
+        finally:
+            self.server.awaiting(self.connection, None)
         params = parse_params(query.partition("#")[0].encode("latin-1"),
                               self.headers.get("Content-Type"), body)
         headers = {k.lower(): v for k, v in self.headers.items()}
@@ -1106,6 +1176,8 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 size = int(line.split(b";")[0].strip(), 16)
             except ValueError:
+                size = -1
+            if size < 0:                    # read(-1) would wait for the end of the connection
                 raise bad_request("invalid chunked body")
             if size == 0:
                 break
@@ -1138,11 +1210,13 @@ class Handler(BaseHTTPRequestHandler):
         """Write resp; if the caller is gone, let it take its items back."""
         head, body = self.answer(resp)
         try:
-            if len(body) > 65536:        # not copied behind the head: a copy costs more than a second write
+            if len(body) <= 65536:
+                self.wfile.write(head + body)
+            elif self.server.tls is None and hasattr(self.connection, "sendmsg"):
+                send_gathered(self.connection, head, body)
+            else:                           # a large body is not copied behind the head
                 self.wfile.write(head)
                 self.wfile.write(body)
-            else:
-                self.wfile.write(head + body)
         except OSError:
             self.close_connection = True
             if resp.undelivered is not None:
@@ -1152,6 +1226,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (bad request line, headers too long...) as JSON."""
+        self.server.awaiting(self.connection, None)
         self.close_connection = True
         self.send(bad_request(message or self.responses.get(code, ("error",))[0], code).response())
 
@@ -1166,7 +1241,8 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, entry, api, opts, log):
+    def __init__(self, entry, api, opts, log, hub=None, handler=None):
+        """hub: the EventHub whose check_event long-polls wait parked (without a thread of their own)."""
         host = entry["host"]
         if ":" in host:
             self.address_family = socket.AF_INET6
@@ -1178,11 +1254,12 @@ class Server(ThreadingHTTPServer):
         self.max_connections = opts["max_connections"]
         self.active = {}
         self.active_lock = threading.Lock()
+        self.deadlines = {}     # socket -> when its request must have arrived whole (slow-loris guard)
         self._date = (0, "")
-        ThreadingHTTPServer.__init__(self, (host, entry["port"]), Handler)
-        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.5},
+        ThreadingHTTPServer.__init__(self, (host, entry["port"]), handler or Handler)
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
                                        name="openqq-http-%d" % self.port, daemon=True)
-        self.parker = Parker(self, api.plugin.hub) if self.tls is None else None
+        self.parker = Parker(self, hub) if hub is not None and self.tls is None else None
         self.parking = {}       # socket -> Parked, until its connection thread lets go of the socket
 
     def start(self):
@@ -1259,6 +1336,27 @@ class Server(ThreadingHTTPServer):
             ThreadingHTTPServer.shutdown_request(self, request)
             return
         self.process_request_thread(request, client_address)
+
+    def awaiting(self, sock, timeout):
+        """The request on sock must arrive within timeout seconds from now; None: it has."""
+        with self.active_lock:
+            if timeout is None:
+                self.deadlines.pop(sock, None)
+            else:
+                self.deadlines[sock] = time.monotonic() + timeout
+
+    def service_actions(self):
+        """Cut connections whose request did not arrive whole in time: a trickle resets no timeout."""
+        now = time.monotonic()
+        with self.active_lock:
+            late = [sock for sock, deadline in self.deadlines.items() if deadline <= now]
+            for sock in late:
+                del self.deadlines[sock]
+        for sock in late:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def track(self, sock):
         """Remember the socket a connection thread really uses (the TLS one) for close()."""
@@ -1604,7 +1702,7 @@ class Openqq(object):
     def start(self):
         try:
             for entry in self.entries:
-                self.servers.append(Server(entry, self.api, self.opts, self.log))
+                self.servers.append(Server(entry, self.api, self.opts, self.log, hub=self.hub))
         except Exception:
             for server in self.servers:
                 server.server_close()

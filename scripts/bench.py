@@ -2,7 +2,7 @@
 # -*- coding: utf-8 -*-
 """bench: figures for webqq against the simulator, every party on loopback in a process of its own.
 
-    python scripts/bench.py                  # the full benchmark (about 7 minutes on 2 cores)
+    python scripts/bench.py                  # the full benchmark (about 6 minutes on 2 cores)
     python scripts/bench.py --quick          # a small version of each item, in under a minute
     python scripts/bench.py --json out.json  # also write every raw figure
 
@@ -157,16 +157,15 @@ class Child(object):
 
     def close(self, timeout=30):
         """Close its input (the child stops its parts and exits); kill it if it does not."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self.proc.stdout.close()
         self.log.close()
 
@@ -326,6 +325,10 @@ class WebqqPart(object):
 
     def do_hub_seq(self):
         return self.plugin.hub.seq
+
+    def do_parked(self):
+        """How many long-polls wait in the servers' parkers (without a thread of their own)."""
+        return sum(len(server.parker) for server in self.plugin.servers if getattr(server, "parker", None))
 
     def stop(self):
         self.client.stop()
@@ -856,8 +859,11 @@ class Bench(object):
             before = proc_status(client.pid)
             seq = client.call("hub_seq")
             self.load.call("open_pollers", url=url, path="/openqq/check_event?cursor=%d" % seq, count=count)
-            if before and not wait_until(lambda: proc_status(client.pid).get("threads", 0) >= idle + count, 60, 0.05):
-                progress("warning: %s threads, not %d" % (proc_status(client.pid).get("threads"), idle + count))
+
+            def waiting():          # parked, or each on a thread of its own
+                return client.call("parked") + proc_status(client.pid).get("threads", idle) - idle >= count
+            if not wait_until(waiting, 60, 0.05):
+                progress("warning: not all %d long-pollers are waiting" % count)
             time.sleep(hold)
             waiting = proc_status(client.pid)
             msg_id, injected = self.sim.call("inject_one")
