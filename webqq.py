@@ -711,19 +711,24 @@ class Contacts(object):
 
     INDEXED = ("id", "uid", "name", "displayname", "markname", "card")
 
+    KINDS = ("user", "friend", "group", "discuss")
+
     def __init__(self, use_friend_markname=True):
         self.lock = threading.RLock()
         self.use_friend_markname = use_friend_markname
         self.user = User()
-        self.version = 0
+        self.version = 0  # increases on every change
+        self.versions = dict.fromkeys(self.KINDS, 0)  # increases on every change of that kind
         self._friends, self._groups, self._discusses = [], [], []
         self._friend_ids, self._group_ids, self._discuss_ids = {}, {}, {}
         self._indexes = {}
 
-    def changed(self):
-        """Note a change made in place (a field of a model object)."""
+    def changed(self, *kinds):
+        """Note a change of these kinds (default: all) made in place, e.g. a field of a model object."""
         with self.lock:
             self.version += 1
+            for kind in kinds or self.KINDS:
+                self.versions[kind] += 1
             self._indexes.clear()
 
     # -- reading --------------------------------------------------------------
@@ -788,13 +793,13 @@ class Contacts(object):
         with self.lock:
             self.user = User()
             self._friends, self._groups, self._discusses = [], [], []
-            self._reindex()
+            self._reindex(*self.KINDS)
 
-    def _reindex(self):
+    def _reindex(self, *kinds):
         self._friend_ids = {f.id: f for f in self._friends}
         self._group_ids = {g.id: g for g in self._groups}
         self._discuss_ids = {d.id: d for d in self._discusses}
-        self.changed()
+        self.changed(*kinds)
 
     @staticmethod
     def _merge(old_list, new_list, kind, container=None):
@@ -819,16 +824,16 @@ class Contacts(object):
         with self.lock:
             if not diff or self.user.id is None:
                 self.user = user
-                self.changed()
+                self.changed("user")
                 return []
             events = [("user_property_change", (self.user,) + change) for change in self.user.update(user)]
-            self.changed()
+            self.changed("user")
             return events
 
     def set_friends(self, friends, diff=True):
         with self.lock:
             self._friends, events = self._merge(self._friends, friends, "friend")
-            self._reindex()
+            self._reindex("friend")
             return events if diff else []
 
     def set_groups(self, groups, diff=True):
@@ -837,7 +842,7 @@ class Contacts(object):
             for g in groups:
                 g.contacts = self
             self._groups, events = self._merge(self._groups, groups, "group")
-            self._reindex()
+            self._reindex("group")
             return events if diff else []
 
     def set_group_members(self, group, fields, members):
@@ -855,7 +860,7 @@ class Contacts(object):
                 m.group = group
             group.members, member_events = self._merge(group.members, members, "group_member", group)
             group.members_loaded = True
-            self.changed()
+            self.changed("group")
             return events + member_events if diff else []
 
     def set_discusses(self, discusses, diff=True):
@@ -873,7 +878,7 @@ class Contacts(object):
                     old.members, member_events = self._merge(old.members, d.members, "discuss_member", old)
                     events.extend(member_events)
             self._discusses, list_events = self._merge(self._discusses, discusses, "discuss")
-            self._reindex()
+            self._reindex("discuss")
             return list_events + events if diff else []
 
     def set_friend_state(self, id, state, client_type=None):
@@ -884,7 +889,7 @@ class Contacts(object):
                 friend.state = state
                 if client_type is not None:
                     friend.client_type = client_type
-                self.changed()
+                self.changed("friend")
             return friend
 
     def add_friend(self, friend):
@@ -892,7 +897,7 @@ class Contacts(object):
             if friend.id in self._friend_ids:
                 return []
             self._friends.append(friend)
-            self._reindex()
+            self._reindex("friend")
             return [("new_friend", (friend,))]
 
     def remove_friend(self, id):
@@ -901,7 +906,7 @@ class Contacts(object):
             if friend is None:
                 return []
             self._friends.remove(friend)
-            self._reindex()
+            self._reindex("friend")
             return [("lose_friend", (friend,))]
 
     def add_group(self, group):
@@ -910,7 +915,7 @@ class Contacts(object):
                 return []
             group.contacts = self
             self._groups.append(group)
-            self._reindex()
+            self._reindex("group")
             return [("new_group", (group,))]
 
     def remove_group(self, id):
@@ -919,7 +924,7 @@ class Contacts(object):
             if group is None:
                 return []
             self._groups.remove(group)
-            self._reindex()
+            self._reindex("group")
             return [("lose_group", (group,))]
 
     def add_group_member(self, group, member):
@@ -928,7 +933,7 @@ class Contacts(object):
                 return []
             member.group = group
             group.members.append(member)
-            self.changed()
+            self.changed("group")
             return [("new_group_member", (member, group))]
 
     def remove_group_member(self, group, id):
@@ -936,7 +941,7 @@ class Contacts(object):
             for member in group.members:
                 if member.id == id:
                     group.members.remove(member)
-                    self.changed()
+                    self.changed("group")
                     return [("lose_group_member", (member, group))]
             return []
 

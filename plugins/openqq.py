@@ -817,10 +817,10 @@ class Api(object):
 
     # -- info ------------------------------------------------------------------
 
-    def cached(self, key, build):
-        """The JSON bytes build() makes, reused until the contacts change; one thread builds, the
-        others wait for its bytes (40,000 group members make 9 MB of JSON and take half a second)."""
-        version = self.contacts.version
+    def cached(self, key, kind, build):
+        """The JSON bytes build() makes, reused until contacts of that kind change; one thread builds,
+        the others wait for its bytes (40,000 group members make 9 MB of JSON and take half a second)."""
+        version = self.contacts.versions[kind]
         hit = self.cache.get(key)
         if hit is None or hit[0] != version:
             with self.cache_lock:
@@ -830,20 +830,20 @@ class Api(object):
         return hit[1]
 
     def get_user_info(self, req):
-        return self.cached("user", lambda: json_dumps(self.contacts.user.to_json()).encode("utf-8"))
+        return self.cached("user", "user", lambda: json_dumps(self.contacts.user.to_json()).encode("utf-8"))
 
     def get_friend_info(self, req):
-        return self.cached("friends", lambda: json_list(self.contacts.friends(), lambda f: f.to_json()))
+        return self.cached("friends", "friend", lambda: json_list(self.contacts.friends(), lambda f: f.to_json()))
 
     def get_group_info(self, req):
-        return self.cached("groups", lambda: json_list(self.contacts.groups(), lambda g: g.to_json()))
+        return self.cached("groups", "group", lambda: json_list(self.contacts.groups(), lambda g: g.to_json()))
 
     def get_group_basic_info(self, req):
-        return self.cached("groups_basic",
+        return self.cached("groups_basic", "group",
                            lambda: json_list(self.contacts.groups(), lambda g: g.to_json(members=False)))
 
     def get_discuss_info(self, req):
-        return self.cached("discusses", lambda: json_list(self.contacts.discusses(), lambda d: d.to_json()))
+        return self.cached("discusses", "discuss", lambda: json_list(self.contacts.discusses(), lambda d: d.to_json()))
 
     # -- search ------------------------------------------------------------------
 
@@ -1354,7 +1354,7 @@ class Server(ThreadingHTTPServer):
                 del self.deadlines[sock]
         for sock in late:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)   # below TLS: its thread may be reading
             except OSError:
                 pass
 

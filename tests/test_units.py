@@ -143,6 +143,19 @@ def test_member_diff_only_after_first_load():
         ("new_group_member", 6, 10), ("lose_group_member", 1, 10)]
 
 
+def test_versions_count_changes_per_kind():
+    c, g = make_contacts()
+    before = dict(c.versions)
+    c.set_friend_state(1, "busy")
+    assert c.versions["friend"] == before["friend"] + 1
+    assert c.versions["group"] == before["group"] and c.versions["user"] == before["user"]
+    c.add_group_member(g, webqq.GroupMember(id=9, name="new"))
+    assert c.versions["group"] == before["group"] + 1
+    version = c.version
+    c.changed()
+    assert c.version == version + 1 and all(c.versions[k] > before[k] for k in c.KINDS)
+
+
 def test_sticky_fields_survive_a_refresh_without_them():
     c, _ = make_contacts()
     c.set_friends([webqq.Friend(id=1, name="alice", markname="小A", uid=None)])
