@@ -1656,7 +1656,12 @@ class SmartQQ(Upstream):
             res = self.http.post("http://d1.web2.qq.com/channel/" + self.ENDPOINTS[msg.type],
                                  data={"r": json.dumps(r, ensure_ascii=False)}, referer=D_REF)
             return send_status(res.json())
-        except (TransportError, ValueError):
+        except TransportError as e:
+            if e.timed_out:  # the server took the message and went silent: sending it again may duplicate it
+                msg.ttl = 0
+                return -1, "发送超时，消息可能已发出 (no answer in time; it may have been sent)"
+            return -1, "数据格式错误"
+        except ValueError:
             return -1, "数据格式错误"
 
     def _sess_sig(self, id, to, service_type):
@@ -1847,7 +1852,9 @@ class Client(EventEmitter):
         opts = self.options
         log = logging.getLogger("webqq")
         if opts["log_path"] or not any(getattr(h, "webqq", False) for h in log.handlers):
-            log = configure_logging(opts["log_level"], opts["log_path"])
+            configure_logging(opts["log_level"], opts["log_path"])
+        else:  # the process's log destination stays; the level is this client's
+            log.setLevel(LOG_LEVELS.get(str(opts["log_level"]).lower(), logging.INFO))
         EventEmitter.__init__(self, log)
         self.account = str(opts["account"])
         self.tmpdir = opts["tmpdir"] or tempfile.gettempdir()

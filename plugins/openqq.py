@@ -1154,7 +1154,7 @@ class Handler(BaseHTTPRequestHandler):
         coding = self.headers.get("Transfer-Encoding", "").strip().lower()
         if coding and coding != "identity":
             if coding != "chunked":
-                raise bad_request("unsupported Transfer-Encoding", 501)
+                raise bad_request("unsupported Transfer-Encoding", 400)
             return self.read_chunked(limit)
         length = self.headers.get("Content-Length")
         if length is None:
@@ -1224,11 +1224,19 @@ class Handler(BaseHTTPRequestHandler):
             return
         self.log_request(resp.status, len(body))
 
+    # http.server answers an unknown method 501 and an HTTP/2+ request line 505: both are the
+    # caller's mistakes, not failures of this server, so they get a 4xx.
+    REFUSALS = {501: 405, 505: 400}
+
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (bad request line, headers too long...) as JSON."""
         self.server.awaiting(self.connection, None)
         self.close_connection = True
-        self.send(bad_request(message or self.responses.get(code, ("error",))[0], code).response())
+        status = message or self.responses.get(code, ("error",))[0]
+        error = bad_request(status, self.REFUSALS.get(code, code))
+        if code == 501:
+            error.headers.append(("Allow", "OPTIONS, HEAD, GET, POST"))
+        self.send(error.response())
 
     def log_message(self, fmt, *args):
         if self.server.log.isEnabledFor(logging.DEBUG):     # formatting every request line costs
@@ -1781,8 +1789,11 @@ class Openqq(object):
     def later(self, name, delay, action):
         """Run action on its own thread after delay seconds, unless the plugin stops first."""
         def run():
-            if not self.stopped.wait(delay):
-                action()
+            try:
+                if not self.stopped.wait(delay):
+                    action()
+            finally:
+                self.threads.discard(threading.current_thread())
         t = threading.Thread(target=run, name=name, daemon=True)
         self.threads.add(t)
         t.start()

@@ -116,7 +116,8 @@ def send_faults(endpoint):
         ("http503", dict(status=503), SEND_OK),
         ("http504", dict(status=504), SEND_OK),
         ("http502x3", dict(status=502, count=3), (-1, "数据格式错误", 0)),
-        ("delay", dict(delay=DELAY), SEND_OK),
+        # a send that got no answer in time may have gone out: it is reported, never sent twice
+        ("delay", dict(delay=DELAY), (-1, "发送超时，消息可能已发出 (no answer in time; it may have been sent)", 0)),
         ("drop", dict(drop=True), SEND_OK),
         ("nonjson", dict(body="<html><body>busy</body></html>"), SEND_OK),
         ("truncated", dict(body='{"errCode":0,"ms'), SEND_OK),

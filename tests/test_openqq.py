@@ -450,7 +450,7 @@ def test_malformed_requests_get_json_errors(env):
     assert requests.get(env.url + "/", timeout=5).json()["code"] == -8
     host = env.url.split("//")[1]
     odd = raw_request(env.url, "BREW /openqq/get_user_info HTTP/1.1\r\nHost: %s\r\n\r\n" % host)
-    assert odd.startswith(b"HTTP/1.1 501 ") and b'"code":-9' in odd
+    assert odd.startswith(b"HTTP/1.1 405 ") and b'"code":-9' in odd and b"Allow: OPTIONS, HEAD, GET, POST" in odd
     garbage = raw_request(env.url, b"\x16\x03\x01 hello\r\n\r\n")
     assert garbage.startswith(b"HTTP/1.1 400 ") and b'"code":-9' in garbage
     chunked = raw_request(env.url, "POST /openqq/search_friend HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: chunked\r\n"
