@@ -36,6 +36,7 @@ import html
 import http.client
 import http.cookiejar
 import importlib
+import ipaddress
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ import random
 import re
 import shutil
 import socket
+import socketserver
 import struct
 import sys
 import tempfile
@@ -54,6 +56,7 @@ import urllib.parse
 import urllib.request
 import weakref
 import zlib
+from http.server import ThreadingHTTPServer
 
 try:
     import requests
@@ -245,16 +248,23 @@ SECRET_PARAMS = frozenset((
 NO_PROXIES = {"http": None, "https": None}  # requests: ignore the environment's proxies for this call
 
 
-def is_loopback(host):
-    """True for localhost and loopback addresses (requests to them never go through a proxy)."""
+def is_loopback(host, resolve=False):
+    """True when host only reaches this machine: localhost, a loopback address, or (resolve=True)
+    a name whose every address is a loopback one."""
     host = (host or "").strip("[]").lower()
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        import ipaddress
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
     except ValueError:
+        pass
+    if not (resolve and host):
         return False
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
 class TransportError(Exception):
@@ -548,6 +558,76 @@ class Http(object):
 
     def clear_cookies(self):
         self.jar.clear()
+
+
+class TrackedHTTPServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer that serves from a thread of its own and keeps track of each
+    connection's thread, so that close() can end them all: every server of webqq is one.
+
+    Threads are named <name>-<port> (the listener) and <name>-conn-<port> (a connection).
+    """
+
+    daemon_threads = True
+    name = "http"
+
+    def __init__(self, address, handler):
+        self.connections = {}  # thread -> the socket it serves
+        self.connections_lock = threading.Lock()
+        ThreadingHTTPServer.__init__(self, address, handler)
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
+                                       name="%s-%d" % (self.name, self.port), daemon=True)
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+    def server_bind(self):
+        # HTTPServer.server_bind also looks the host name up with getfqdn(): slow, and unused here.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def process_request(self, request, client_address):
+        self.spawn(self.process_request_thread, request, client_address)
+
+    def spawn(self, target, request, *args):
+        """Run target(request, *args) on a connection thread of its own, tracked until it returns."""
+        thread = threading.Thread(target=self._run_tracked, args=(target, request) + args,
+                                  name="%s-conn-%d" % (self.name, self.port), daemon=True)
+        with self.connections_lock:
+            self.connections[thread] = request
+        thread.start()
+
+    def _run_tracked(self, target, request, *args):
+        try:
+            target(request, *args)
+        finally:
+            with self.connections_lock:
+                self.connections.pop(threading.current_thread(), None)
+
+    def track(self, sock):
+        """The socket this connection thread really uses (a TLS one wraps the accepted socket)."""
+        with self.connections_lock:
+            self.connections[threading.current_thread()] = sock
+
+    def close(self, timeout=5.0):
+        """Stop accepting, cut every open connection and wait for the connection threads."""
+        if self.thread.is_alive():
+            self.shutdown()
+        self.server_close()
+        with self.connections_lock:
+            connections = list(self.connections.items())
+        for _, sock in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread, _ in connections:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
 
 ###############################################################################
 # 4. Model

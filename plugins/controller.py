@@ -322,10 +322,6 @@ class Child(object):
 ###############################################################################
 
 
-def client_not_found():
-    return {"code": CLIENT_ERROR, "status": "client not found"}
-
-
 def client_not_exists():
     return {"code": CLIENT_ERROR, "status": "client not exists"}
 
@@ -364,21 +360,28 @@ class Api(object):
         return resp
 
     @staticmethod
-    def name(req):
-        """The client parameter: None when missing; a name unfit for a file name is refused."""
+    def name(req, required=True):
+        """The client parameter (None when missing and not required); a name unfit for a file name is refused."""
         value = req.params.get("client")
         if isinstance(value, tuple):
             raise bad_request("parameter client given more than once")
         if value in (None, ""):
+            if required:
+                raise ApiError(200, CLIENT_ERROR, "client not found")
             return None
         if not NAME.match(value):
             raise bad_request("client must be 1 to 64 letters, digits or _ @ . - (not starting with .)")
         return value
 
+    def child(self, req):
+        """The client the request names; the original's code-1 answer when it names none or an unknown one."""
+        child = self.controller.client(self.name(req))
+        if child is None:
+            raise ApiError(200, CLIENT_ERROR, "client not exists")
+        return child
+
     def start_client(self, req):
         name = self.name(req)
-        if name is None:
-            return client_not_found()
         params = {}
         for key, value in req.params.items():
             if isinstance(value, tuple):
@@ -388,27 +391,14 @@ class Api(object):
         return self.controller.start_client(name, params)
 
     def stop_client(self, req):
-        name = self.name(req)
-        if name is None:
-            return client_not_found()
-        return self.controller.stop_client(name)
+        return self.controller.stop_client(self.name(req))
 
     def check_client(self, req):
-        name = self.name(req)
-        if name is None:
-            return {"code": 0, "client": [self.controller.describe(child) for child in self.controller.clients()]}
-        child = self.controller.client(name)
-        if child is None:
-            return client_not_exists()
-        return {"code": 0, "client": [self.controller.describe(child)]}
+        children = [self.child(req)] if self.name(req, required=False) else self.controller.clients()
+        return {"code": 0, "client": [self.controller.describe(child) for child in children]}
 
     def get_qrcode(self, req):
-        name = self.name(req)
-        if name is None:
-            return client_not_found()
-        child = self.controller.client(name)
-        if child is None:
-            return client_not_exists()
+        child = self.child(req)
         try:
             with open(child.record["qrcode_path"], "rb") as f:
                 png = f.read()
@@ -418,12 +408,7 @@ class Api(object):
 
     def proxy(self, req):
         """Pass the request on to the client's Openqq API and its answer back, as they are."""
-        name = self.name(req)
-        if name is None:
-            return client_not_found()
-        child = self.controller.client(name)
-        if child is None:
-            return client_not_exists()
+        child = self.child(req)
         query = strip_query(req.query, STEERING)
         target = req.path + ("?" + query if query else "")
         body = strip_body(req.headers.get("content-type"), req.body, STEERING)
@@ -436,9 +421,9 @@ class Api(object):
         except CallerGone:
             return Response(b"", 499)     # nobody is there to read it
         except (OSError, http.client.HTTPException) as e:
-            self.log.warning("client %s on port %d did not answer %s: %s", name, child.port, req.path, e)
+            self.log.warning("client %s on port %d did not answer %s: %s", child.name, child.port, req.path, e)
             raise ApiError(502, NOT_REACHABLE, "client not reachable", [("Retry-After", "1")],
-                           client=name, state=self.controller.state_of(child))
+                           client=child.name, state=self.controller.state_of(child))
         content_type = "application/octet-stream"
         passed = []
         for key, value in res_headers:
@@ -484,9 +469,10 @@ class Handler(openqq.Handler):
 class Server(openqq.Server):
     """openqq's server (keep-alive, connection cap, TLS) answering with the controller's Api."""
 
+    name = "controller"
+
     def __init__(self, entry, api, opts, log):
         openqq.Server.__init__(self, entry, api, opts, log, handler=Handler)
-        self.thread.name = "controller-http-%d" % self.port
 
 
 ###############################################################################
@@ -894,16 +880,7 @@ class Controller(object):
 
     def owns(self, url):
         """True when url points into this controller's /openqq/ API."""
-        try:
-            parts = urlsplit(url)
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            return False
-        if parts.scheme not in ("http", "https") or not parts.path.startswith("/openqq/"):
-            return False
-        host = (parts.hostname or "").lower()
-        return any(server.port == port and (openqq.is_loopback(host) or host == entry["host"].lower())
-                   for server, entry in zip(self.servers, self.entries))
+        return openqq.points_into(url, self.servers, self.entries)
 
 
 ###############################################################################

@@ -28,15 +28,14 @@ import hashlib
 import hmac
 import json
 import socket
-import socketserver
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from webqq import (FACES, ApiError, Friend, Group, GroupMember, Http, LoginFailed, NeedRelogin, Stopped,
-                   TransportError, Upstream, User, __version__, encode_content, is_loopback, json_dumps,
-                   parse_listen, to_int)
+                   TrackedHTTPServer, TransportError, Upstream, User, __version__, encode_content, is_loopback,
+                   json_dumps, parse_listen, to_int)
 
 ###############################################################################
 # 1. Constants
@@ -370,10 +369,10 @@ class EventHandler(BaseHTTPRequestHandler):
         self.server.log.debug("onebot receiver %s %s", self.address_string(), fmt % args)
 
 
-class EventReceiver(ThreadingHTTPServer):
+class EventReceiver(TrackedHTTPServer):
     """Where the implementation POSTs events: signature and self id checked, 204 at once, queued in order."""
 
-    daemon_threads = True
+    name = "onebot-receiver"
     request_timeout = 60
 
     def __init__(self, entry, secret, max_body_size, accept, log):
@@ -385,21 +384,12 @@ class EventReceiver(ThreadingHTTPServer):
         self.log = log
         self.self_id = None        # the account events must come from; None until login
         self.refused = 0
-        self.active = {}
-        self.active_lock = threading.Lock()
-        ThreadingHTTPServer.__init__(self, (entry["host"], entry["port"]), EventHandler)
-        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
-                                       name="onebot-receiver", daemon=True)
+        TrackedHTTPServer.__init__(self, (entry["host"], entry["port"]), EventHandler)
 
     @property
     def url(self):
         host, port = self.server_address[:2]
         return "http://%s:%d/" % ("[%s]" % host if ":" in host else host, port)
-
-    def server_bind(self):
-        # HTTPServer.server_bind also looks the host name up with getfqdn(): slow, and unused here.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
 
     def receive(self, headers, body):
         """(HTTP status, code, text) for one event post; a good one is queued before it is answered."""
@@ -437,38 +427,9 @@ class EventReceiver(ThreadingHTTPServer):
             return 403, AUTH_FAILED, "signature mismatch"
         return None
 
-    def process_request(self, request, client_address):
-        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                                  name="onebot-receiver-conn", daemon=True)
-        with self.active_lock:
-            self.active[thread] = request
-        thread.start()
-
-    def process_request_thread(self, request, client_address):
-        try:
-            ThreadingHTTPServer.process_request_thread(self, request, client_address)
-        finally:
-            with self.active_lock:
-                self.active.pop(threading.current_thread(), None)
 
     def handle_error(self, request, client_address):
         self.log.debug("onebot receiver: connection from %s ended: %s", client_address[0], sys.exc_info()[1])
-
-    def close(self):
-        """Stop accepting, cut every open connection, and wait for the connection threads."""
-        if self.thread.is_alive():
-            self.shutdown()
-            self.thread.join()
-        self.server_close()
-        with self.active_lock:
-            active = list(self.active.items())
-        for _, sock in active:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread, _ in active:
-            thread.join(5)
 
 
 ###############################################################################
@@ -553,7 +514,7 @@ class OneBot(Upstream):
         self.worker = threading.Thread(target=self._work, name="onebot-events", daemon=True)
 
     def start(self):
-        self.receiver.thread.start()
+        self.receiver.start()
         self.worker.start()
         self.log.info("onebot: API %s, events received on %s%s", self.api.url, self.receiver.url,
                       "" if self.opts["secret"] else " (unsigned)")
@@ -1015,7 +976,7 @@ def read_options(options, client):
     opts["self_id"] = to_int(opts["self_id"]) if opts["self_id"] not in (None, "") else None
     opts["allow_insecure"] = to_bool(opts["allow_insecure"])
     opts["listen"] = listen_entry(opts["listen"])
-    if not (is_loopback(opts["listen"]["host"]) or opts["secret"] or opts["allow_insecure"]):
+    if not (is_loopback(opts["listen"]["host"], resolve=True) or opts["secret"] or opts["allow_insecure"]):
         raise ValueError("onebot refuses to receive events on %s without a secret: anyone who reaches it "
                          "could forge messages. Set secret (and the same token in the implementation), "
                          "listen on 127.0.0.1, or allow_insecure=1" % opts["listen"]["host"])

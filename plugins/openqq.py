@@ -13,7 +13,7 @@ strings); docs/openqq.md lists the options, the routes and where we deliberately
  4. Event hub     check_event: bounded queue drained whole, long-poll, cursor mode
  5. Reporter      post_api: worker threads, bounded queue, retries, signature, reply/shutup
  6. Routes        Api: the Openqq routes against the Client contract
- 7. Server        ThreadingHTTPServer per listen entry, keep-alive, TLS, connection cap
+ 7. Server        a TrackedHTTPServer per listen entry, keep-alive, TLS, connection cap
  8. Poller        the poll_api loop, following redirects into this server's own API
  9. Plugin        Openqq (the object call() returns) and call(client, **options)
 """
@@ -32,16 +32,15 @@ import logging
 import re
 import selectors
 import socket
-import socketserver
 import ssl
 import sys
 import threading
 import time
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
-from webqq import Http, TransportError, __version__, json_dumps, parse_listen, to_int
+from webqq import Http, TrackedHTTPServer, TransportError, __version__, is_loopback, json_dumps, parse_listen, to_int
 
 ###############################################################################
 # 1. Constants
@@ -294,23 +293,19 @@ def multipart_pairs(content_type, body, charset):
 ###############################################################################
 
 
-def is_loopback(host):
-    """True when host (a name or an address) only reaches this machine."""
-    host = (host or "").strip("[]")
-    if host.lower() == "localhost":
-        return True
+def points_into(url, servers, entries):
+    """True when url points into the /openqq/ API of these servers (each with its listen entry)."""
     try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        pass
-    if not host:
         return False
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except (socket.gaierror, UnicodeError):
+    if parts.scheme not in ("http", "https") or not parts.path.startswith("/openqq/"):
         return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback
-                               for info in infos)
+    host = (parts.hostname or "").lower()
+    return any(server.port == port and (parts.scheme == "https") == (server.tls is not None)
+               and (is_loopback(host) or host == entry["host"].lower())
+               for server, entry in zip(servers, entries))
 
 
 def url_origin(url):
@@ -415,7 +410,7 @@ class Guard(object):
 
 def check_protected(entries, token, auth, allow_insecure):
     """Protected mode: refuse a listen address beyond loopback when nothing guards it."""
-    exposed = [e["host"] or "*" for e in entries if not is_loopback(e["host"])]
+    exposed = [e["host"] or "*" for e in entries if not is_loopback(e["host"], resolve=True)]
     if exposed and not token and auth is None and not allow_insecure:
         raise ValueError(
             "openqq refuses to listen on %s without access_token (protected mode): set "
@@ -1124,7 +1119,7 @@ class Handler(BaseHTTPRequestHandler):
     def park(self, req, ready, timeout):
         """Leave req to the server's Parker: this thread ends and the connection waits without one."""
         entry = Parked(self, req, ready, timeout)
-        with self.server.active_lock:
+        with self.server.connections_lock:
             self.server.parking[self.connection] = entry
         self.close_connection = True
 
@@ -1243,10 +1238,10 @@ class Handler(BaseHTTPRequestHandler):
             self.server.log.debug("openqq %s %s", self.address_string(), redact(fmt % args))
 
 
-class Server(ThreadingHTTPServer):
-    """One listen address: a named, tracked thread per connection, capped in number; optional TLS."""
+class Server(TrackedHTTPServer):
+    """One listen address: a thread per connection, capped in number; optional TLS."""
 
-    daemon_threads = True
+    name = "openqq"
     request_queue_size = 1024
 
     def __init__(self, entry, api, opts, log, hub=None, handler=None):
@@ -1260,24 +1255,17 @@ class Server(ThreadingHTTPServer):
         self.request_timeout = opts["request_timeout"]
         self.max_body_size = opts["max_body_size"]
         self.max_connections = opts["max_connections"]
-        self.active = {}
-        self.active_lock = threading.Lock()
         self.deadlines = {}     # socket -> when its request must have arrived whole (slow-loris guard)
         self._date = (0, "")
-        ThreadingHTTPServer.__init__(self, (host, entry["port"]), handler or Handler)
-        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
-                                       name="openqq-http-%d" % self.port, daemon=True)
+        TrackedHTTPServer.__init__(self, (host, entry["port"]), handler or Handler)
         self.parker = Parker(self, hub) if hub is not None and self.tls is None else None
         self.parking = {}       # socket -> Parked, until its connection thread lets go of the socket
 
     def start(self):
-        self.thread.start()
+        TrackedHTTPServer.start(self)
         if self.parker is not None:
             self.parker.thread.start()
-
-    @property
-    def port(self):
-        return self.server_address[1]
+        return self
 
     @property
     def url(self):
@@ -1292,45 +1280,26 @@ class Server(ThreadingHTTPServer):
             self._date = (now, formatdate(now, usegmt=True))
         return self._date[1]
 
-    def server_bind(self):
-        # HTTPServer.server_bind also looks the host name up with getfqdn(): slow, and unused here.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
     def process_request(self, request, client_address):
-        with self.active_lock:
-            full = len(self.active) + (len(self.parker) if self.parker is not None else 0) >= self.max_connections
+        with self.connections_lock:
+            parked = len(self.parker) if self.parker is not None else 0
+            full = len(self.connections) + parked >= self.max_connections
         if full:
             self.refuse(request)
-            return
-        t = threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                             name="openqq-conn-%d" % self.port, daemon=True)
-        with self.active_lock:
-            self.active[t] = request
-        t.start()
-
-    def process_request_thread(self, request, client_address):
-        try:
-            ThreadingHTTPServer.process_request_thread(self, request, client_address)
-        finally:
-            with self.active_lock:
-                self.active.pop(threading.current_thread(), None)
+        else:
+            self.spawn(self.process_request_thread, request, client_address)
 
     def shutdown_request(self, request):
-        with self.active_lock:
+        with self.connections_lock:
             entry = self.parking.pop(request, None)
         if entry is not None:
             self.parker.park(entry)
         else:
-            ThreadingHTTPServer.shutdown_request(self, request)
+            TrackedHTTPServer.shutdown_request(self, request)
 
     def resume(self, request, client_address, rest=b"", undelivered=None):
         """Serve a connection the parker held on a thread again, once the rest of its answer is written."""
-        t = threading.Thread(target=self.resume_thread, args=(request, client_address, rest, undelivered),
-                             name="openqq-conn-%d" % self.port, daemon=True)
-        with self.active_lock:
-            self.active[t] = request
-        t.start()
+        self.spawn(self.resume_thread, request, client_address, rest, undelivered)
 
     def resume_thread(self, request, client_address, rest, undelivered):
         try:
@@ -1339,15 +1308,13 @@ class Server(ThreadingHTTPServer):
         except OSError:
             if undelivered is not None:
                 undelivered()
-            with self.active_lock:
-                self.active.pop(threading.current_thread(), None)
-            ThreadingHTTPServer.shutdown_request(self, request)
+            TrackedHTTPServer.shutdown_request(self, request)
             return
         self.process_request_thread(request, client_address)
 
     def awaiting(self, sock, timeout):
         """The request on sock must arrive within timeout seconds from now; None: it has."""
-        with self.active_lock:
+        with self.connections_lock:
             if timeout is None:
                 self.deadlines.pop(sock, None)
             else:
@@ -1356,7 +1323,7 @@ class Server(ThreadingHTTPServer):
     def service_actions(self):
         """Cut connections whose request did not arrive whole in time: a trickle resets no timeout."""
         now = time.monotonic()
-        with self.active_lock:
+        with self.connections_lock:
             late = [sock for sock, deadline in self.deadlines.items() if deadline <= now]
             for sock in late:
                 del self.deadlines[sock]
@@ -1365,11 +1332,6 @@ class Server(ThreadingHTTPServer):
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)   # below TLS: its thread may be reading
             except OSError:
                 pass
-
-    def track(self, sock):
-        """Remember the socket a connection thread really uses (the TLS one) for close()."""
-        with self.active_lock:
-            self.active[threading.current_thread()] = sock
 
     def refuse(self, request):
         if self.tls is None:
@@ -1391,25 +1353,9 @@ class Server(ThreadingHTTPServer):
             self.log.exception("openqq connection from %s failed", client_address[0])
 
     def server_close(self):
-        ThreadingHTTPServer.server_close(self)
+        TrackedHTTPServer.server_close(self)
         if self.parker is not None:
             self.parker.stop()
-
-    def close(self):
-        """Stop accepting, cut every open connection, and wait for the connection threads."""
-        if self.thread.is_alive():
-            self.shutdown()
-        self.server_close()
-        with self.active_lock:
-            active = list(self.active.items())
-        for _, sock in active:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t, _ in active:
-            if t is not threading.current_thread():
-                t.join(5)
 
 
 class Parked(object):
@@ -1543,7 +1489,7 @@ class Parker(object):
     def drop(self, entry):
         if self.parked.pop(entry.sock, None) is not None:
             self.selector.unregister(entry.sock)
-        ThreadingHTTPServer.shutdown_request(self.server, entry.sock)
+        TrackedHTTPServer.shutdown_request(self.server, entry.sock)
 
     def stop(self):
         """End the thread and close every connection held here."""
@@ -1553,7 +1499,7 @@ class Parker(object):
         if self.thread.ident is not None and self.thread is not threading.current_thread():
             self.thread.join()
         for entry in list(self.parked.values()) + self.arriving:
-            ThreadingHTTPServer.shutdown_request(self.server, entry.sock)
+            TrackedHTTPServer.shutdown_request(self.server, entry.sock)
         self.parked.clear()
         self.arriving = []
         self.selector.close()
@@ -1799,20 +1745,8 @@ class Openqq(object):
         t.start()
 
     def owns(self, url):
-        """True when url points into this server's /openqq/ API."""
-        try:
-            parts = urlsplit(url)
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            return False
-        if parts.scheme not in ("http", "https") or not parts.path.startswith("/openqq/"):
-            return False
-        host = (parts.hostname or "").lower()
-        for server, entry in zip(self.servers, self.entries):
-            if server.port == port and (parts.scheme == "https") == (server.tls is not None):
-                if is_loopback(host) or host == entry["host"].lower():
-                    return True
-        return False
+        """True when url points into this plugin's /openqq/ API."""
+        return points_into(url, self.servers, self.entries)
 
     def call_url(self, url):
         """GET one of our own API URLs in-process, as a trusted caller."""

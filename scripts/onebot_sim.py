@@ -104,16 +104,14 @@ import os
 import random
 import re
 import secrets
-import socket
-import socketserver
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qsl, urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from webqq import Http, TransportError, json_dumps, to_int  # noqa: E402
+from webqq import Http, TrackedHTTPServer, TransportError, json_dumps, to_int  # noqa: E402
 
 log = logging.getLogger("webqq.onebot_sim")
 
@@ -458,50 +456,18 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("onebot_sim %s", fmt % args)
 
 
-class Server(ThreadingHTTPServer):
-    """The listening socket; one named thread per connection, tracked so stop() can end them."""
+class Server(TrackedHTTPServer):
+    """The listening socket, with a thread per connection that stop() can end."""
 
-    daemon_threads = True
+    name = "onebot-sim"
     allow_reuse_address = True
 
     def __init__(self, address, sim):
         self.sim = sim
-        self.connections = {}
-        self.connections_lock = threading.Lock()
-        ThreadingHTTPServer.__init__(self, address, Handler)
-
-    def server_bind(self):
-        # HTTPServer.server_bind also looks the host name up with getfqdn(): slow, and unused here.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def process_request(self, request, client_address):
-        thread = threading.Thread(target=self._serve, args=(request, client_address),
-                                  name="onebot-sim-conn", daemon=True)
-        with self.connections_lock:
-            self.connections[thread] = request
-        thread.start()
-
-    def _serve(self, request, client_address):
-        try:
-            self.process_request_thread(request, client_address)
-        finally:
-            with self.connections_lock:
-                self.connections.pop(threading.current_thread(), None)
+        TrackedHTTPServer.__init__(self, address, Handler)
 
     def handle_error(self, request, client_address):
         log.debug("onebot_sim: connection from %s failed", client_address, exc_info=True)
-
-    def close_connections(self):
-        with self.connections_lock:
-            items = list(self.connections.items())
-        for _, sock in items:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread, _ in items:
-            thread.join(5)
 
 
 ###############################################################################
@@ -539,11 +505,10 @@ class OneBotSimulator(object):
     # -- lifecycle --
 
     def start(self):
-        """Listen and serve (thread onebot-sim-server), start the poster; returns self."""
-        self._server = Server((self.host, self.port), self)
-        self.port = self._server.server_address[1]
+        """Listen and serve (thread onebot-sim-<port>), start the poster; returns self."""
+        self._server = Server((self.host, self.port), self).start()
+        self.port = self._server.port
         self.url = "http://%s:%d" % (self.host, self.port)
-        self._spawn("onebot-sim-server", self._server.serve_forever, 0.1)
         self._spawn("onebot-sim-poster", self._post_outbox)
         if self.knobs["heartbeat_interval"]:
             self._spawn("onebot-sim-heartbeat", self._beat)
@@ -559,9 +524,7 @@ class OneBotSimulator(object):
             self._outbox.clear()
             self._outbox_cond.notify_all()
         self._http.abort()
-        self._server.shutdown()
-        self._server.server_close()
-        self._server.close_connections()
+        self._server.close()
         for thread in self._threads:
             thread.join(10)
         self._http.close()

@@ -139,13 +139,13 @@ import threading
 import time
 import zlib
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from webqq import (APPID, FACE_IDS, STATE_CODES, bkn, friend_hash,  # noqa: E402
+from webqq import (APPID, FACE_IDS, STATE_CODES, TrackedHTTPServer, bkn, friend_hash,  # noqa: E402
                    hash33, json_dumps, time33, to_int)
 
 log = logging.getLogger("smartqq_sim")
@@ -1195,48 +1195,19 @@ class Handler(BaseHTTPRequestHandler):
         """Requests are logged by do_GET at debug level only."""
 
 
-class Server(ThreadingHTTPServer):
-    """The listening socket; one named thread per connection, tracked so stop() can end them."""
+class Server(TrackedHTTPServer):
+    """The listening socket, with a thread per connection that stop() can end."""
 
-    daemon_threads = True
+    name = "smartqq-sim"
     block_on_close = False
     allow_reuse_address = True
 
     def __init__(self, address, sim):
         self.sim = sim
-        self.connections = {}
-        self.connections_lock = threading.Lock()
-        self.numbers = itertools.count(1)
-        ThreadingHTTPServer.__init__(self, address, Handler)
-
-    def process_request(self, request, client_address):
-        thread = threading.Thread(target=self._serve, args=(request, client_address),
-                                  name="smartqq-sim-http-%d" % next(self.numbers), daemon=True)
-        with self.connections_lock:
-            self.connections[thread] = request
-        thread.start()
-
-    def _serve(self, request, client_address):
-        try:
-            self.process_request_thread(request, client_address)
-        finally:
-            with self.connections_lock:
-                self.connections.pop(threading.current_thread(), None)
+        TrackedHTTPServer.__init__(self, address, Handler)
 
     def handle_error(self, request, client_address):
         log.debug("smartqq_sim: connection from %s failed", client_address, exc_info=True)
-
-    def close_connections(self, timeout):
-        """Shut every open connection down and wait for its thread."""
-        with self.connections_lock:
-            items = list(self.connections.items())
-        for _, sock in items:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread, _ in items:
-            thread.join(timeout)
 
 
 ###############################################################################
@@ -1927,19 +1898,16 @@ class Simulator(LoginRoutes, ContactRoutes, ChannelRoutes, QunRoutes):
         self._send_times = collections.deque()
         self._cache, self._cache_version = {}, None
         self._msg_ids = itertools.count(10000 + secrets.randbelow(40000))
-        self._server = self._serve_thread = None
+        self._server = None
         self._threads = []
 
     # -- lifecycle --
 
     def start(self):
-        """Listen and serve on a thread named smartqq-sim-server; returns self."""
-        self._server = Server((self.host, self.port), self)
-        self.port = self._server.server_address[1]
+        """Listen and serve on a thread named smartqq-sim-<port>; returns self."""
+        self._server = Server((self.host, self.port), self).start()
+        self.port = self._server.port
         self.url = "http://%s:%d" % (self.host, self.port)
-        self._serve_thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                              name="smartqq-sim-server")
-        self._serve_thread.start()
         log.debug("smartqq_sim: serving on %s", self.url)
         return self
 
@@ -1950,10 +1918,7 @@ class Simulator(LoginRoutes, ContactRoutes, ChannelRoutes, QunRoutes):
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
-        self._server.shutdown()
-        self._server.server_close()
-        self._server.close_connections(timeout=5.0)
-        self._serve_thread.join(5.0)
+        self._server.close()
         for thread in self._threads:
             thread.join(5.0)
         self._server = None
