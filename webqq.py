@@ -2947,46 +2947,6 @@ DEFAULT_PLUGINS = ("showmsg", "openqq", "console")
 OPTIONAL_PLUGINS = ("qrmail", "onebot")
 CLI_DEFAULTS = {"qrcode_display": "terminal,viewer"}
 
-# One line of help for the options of plugins that carry no OPTION_HELP table; None: not for INI files.
-PLUGIN_HELP = {
-    "showmsg": {
-        "allow_group": "print only the messages of these groups (names or numbers, comma-separated)",
-        "ban_group": "never print the messages of these groups",
-    },
-    "openqq": {
-        "listen": "addresses to serve on: JSON list of {host, port} or host:port text (default 127.0.0.1:5000)",
-        "access_token": "require this token on every request (?access_token= or Authorization: Bearer)",
-        "auth": None,
-        "allow_insecure": "start on a non-loopback address without a token (not recommended)",
-        "allow_origin": "browser origins allowed to call the API cross-site (* for any)",
-        "tls_cert": "TLS certificate file for every listen entry",
-        "tls_key": "TLS private key file",
-        "tls_ca": "CA file: with it, client certificates are required",
-        "tls_ciphers": "OpenSSL cipher list for TLS",
-        "request_timeout": "seconds a connection may stay silent before it is closed",
-        "max_body_size": "largest request body, in bytes",
-        "max_connections": "open connections per listen address",
-        "post_api": "URL that every message and listed event is POSTed to as JSON",
-        "post_event": "false: report messages only, no events",
-        "post_event_list": "events to report (comma-separated)",
-        "post_stdout": "also print every report as one JSON line on standard output",
-        "post_secret": "sign reports: X-Signature: sha1=<HMAC-SHA1 of the body with this key>",
-        "post_timeout": "seconds to wait for one post_api answer",
-        "post_retries": "retries of a report after a connection error or HTTP 502/503/504",
-        "post_retry_backoff": "first retry delay in seconds; it doubles each time",
-        "post_queue_size": "reports waiting for delivery at most (the oldest is dropped beyond)",
-        "post_workers": "delivery threads",
-        "post_media_data": "accepted and ignored, as in the original",
-        "check_event_list_max_size": "events check_event keeps (the oldest is dropped beyond)",
-        "check_event_timeout": "seconds a check_event long poll waits before answering []",
-        "check_event_history_size": "events kept for cursor readers",
-        "poll_api": "URL to GET forever while the client runs (reverse calls)",
-        "poll_interval": "seconds between two poll_api requests",
-        "poll_timeout": "seconds to wait for one poll_api answer",
-        "stop_delay": "seconds between the answer of stop_client / relogin and the action",
-    },
-}
-
 # Client and main options by topic, for --help and the written config; others go to the last topic.
 TOPICS = [
     ("account and login", "account tmpdir upstream upstream_options smartqq_base mode keep_cookie check_account"),
@@ -3018,10 +2978,11 @@ def top_options():
 
 
 def plugin_options(name):
-    """A plugin's options {name: (default, help)}, from its OPTIONS table or call() signature; None: any."""
+    """A plugin's options {name: (default, help)}, from its OPTIONS table or call() signature and its
+    OPTION_HELP (an option whose help is None is not for INI files); None: any option."""
     import inspect
     module = importlib.import_module(name if "." in name else "plugins." + name)
-    helps = dict(PLUGIN_HELP.get(name, {}), **getattr(module, "OPTION_HELP", {}))
+    helps = getattr(module, "OPTION_HELP", {})
     table = getattr(module, "OPTIONS", None)
     if table is None:
         params = list(inspect.signature(module.call).parameters.values())[1:]

@@ -80,6 +80,39 @@ OPTIONS = {
     "poll_timeout": 120,
     "stop_delay": 3,
 }
+# One line of help per option, for the commented webqq.ini (None: not settable from a file).
+OPTION_HELP = {
+    "listen": "addresses to serve on: JSON list of {host, port} or host:port text (default 127.0.0.1:5000)",
+    "access_token": "require this token on every request (?access_token= or Authorization: Bearer)",
+    "auth": None,
+    "allow_insecure": "start on a non-loopback address without a token (not recommended)",
+    "allow_origin": "browser origins allowed to call the API cross-site (* for any)",
+    "tls_cert": "TLS certificate file for every listen entry",
+    "tls_key": "TLS private key file",
+    "tls_ca": "CA file: with it, client certificates are required",
+    "tls_ciphers": "OpenSSL cipher list for TLS",
+    "request_timeout": "seconds a request may take to arrive whole, and an idle connection may stay open",
+    "max_body_size": "largest request body, in bytes",
+    "max_connections": "open connections per listen address",
+    "post_api": "URL that every message and listed event is POSTed to as JSON",
+    "post_event": "false: report messages only, no events",
+    "post_event_list": "events to report (comma-separated)",
+    "post_stdout": "also print every report as one JSON line on standard output",
+    "post_secret": "sign reports: X-Signature: sha1=<HMAC-SHA1 of the body with this key>",
+    "post_timeout": "seconds to wait for one post_api answer",
+    "post_retries": "retries of a report after a connection error or HTTP 502/503/504",
+    "post_retry_backoff": "first retry delay in seconds; it doubles each time",
+    "post_queue_size": "reports waiting for delivery at most (the oldest is dropped beyond)",
+    "post_workers": "delivery threads",
+    "post_media_data": "accepted and ignored, as in the original",
+    "check_event_list_max_size": "events check_event keeps (the oldest is dropped beyond)",
+    "check_event_timeout": "seconds a check_event long poll waits before answering []",
+    "check_event_history_size": "events kept for cursor readers",
+    "poll_api": "URL to GET forever while the client runs (reverse calls)",
+    "poll_interval": "seconds between two poll_api requests",
+    "poll_timeout": "seconds to wait for one poll_api answer",
+    "stop_delay": "seconds between the answer of stop_client / relogin and the action",
+}
 
 MESSAGE_TYPES = frozenset(("friend_message", "group_message", "discuss_message", "sess_message"))
 # Parameters that steer a request and are never search attributes.

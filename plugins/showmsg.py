@@ -4,6 +4,10 @@ Options: allow_group / ban_group (group names or numbers, a list or a comma-sepa
 limit which groups' messages are printed.
 """
 
+OPTION_HELP = {
+    "allow_group": "print only the messages of these groups (names or numbers, comma-separated)",
+    "ban_group": "never print the messages of these groups",
+}
 LABELS = {"friend_message": "好友消息", "group_message": "群消息", "discuss_message": "讨论组消息",
           "sess_message": "临时消息"}
 CHANGES = {
