@@ -1,7 +1,13 @@
-"""Shared fixtures: a simulator on 127.0.0.1:0 and clients pointed at it."""
+"""Shared fixtures and helpers: a simulator on 127.0.0.1:0, clients pointed at it, an HTTP receiver."""
+import collections
+import json
+import logging
 import os
+import socket
 import sys
 import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -79,11 +85,169 @@ def scan_and_confirm(sim, timeout=10.0):
     sim.confirm()
 
 
-@pytest.fixture
-def running(sim, make_client):
-    """A client logged in to the simulator by a QR scan, in state running."""
-    client = make_client()
+def log_in(sim, client):
+    """Start client, scan and confirm its QR code at sim, and see it running; returns client."""
     client.start()
     scan_and_confirm(sim)
     assert client.wait_for_state("running", timeout=10)
     return client
+
+
+@pytest.fixture
+def running(sim, make_client):
+    """A client logged in to the simulator by a QR scan, in state running."""
+    return log_in(sim, make_client())
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02):
+    """predicate()'s first true value, polling it until timeout; else its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LogLines(logging.Handler):
+    """The records of a logger at level or above, formatted (tracebacks included), from now until close()."""
+
+    def __init__(self, level=logging.DEBUG, formatter=None, logger="webqq"):
+        logging.Handler.__init__(self, level)
+        self.setFormatter(formatter)
+        self.lines, self.logger = [], logging.getLogger(logger)
+        self.logger.addHandler(self)
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+    def close(self):
+        self.logger.removeHandler(self)
+        logging.Handler.close(self)
+
+
+# -- an HTTP receiver: a post_api or poll_api endpoint -------------------------------------------
+
+class Answer(collections.namedtuple("Answer", "status body content_type delay location",
+                                    defaults=(b"ok", "text/plain", 0, None))):
+    """A Receiver's answer, sent after delay seconds; a location makes it a redirect."""
+    __slots__ = ()
+
+
+class Hit(collections.namedtuple("Hit", "method path headers body")):
+    """One request a Receiver got; headers is a dict."""
+    __slots__ = ()
+
+    def report(self):
+        """The body decoded as JSON."""
+        return json.loads(self.body.decode("utf-8"))
+
+
+class Receiver(object):
+    """An HTTP/1.1 endpoint on 127.0.0.1 recording every request (hits) and answering it with the next
+    Answer of script, else with respond(hit): an Answer, JSON data, or None for 200 "ok"."""
+
+    def __init__(self, respond=lambda hit: None):
+        self.hits, self.script, self.respond = [], collections.deque(), respond
+        self.cond = threading.Condition()
+        self.connections = []
+        self.port = 0
+        self.start()
+        self.base = "http://127.0.0.1:%d" % self.port
+        self.url = self.base + "/post"
+
+    def start(self):
+        """Listen (again, on the same port after a close())."""
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                BaseHTTPRequestHandler.setup(self)
+                with receiver.cond:
+                    receiver.connections.append(self.connection)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                answer = receiver.answer(Hit(self.command, self.path, dict(self.headers), body))
+                self.send_response(answer.status)
+                self.send_header("Content-Type", answer.content_type)
+                if answer.location:
+                    self.send_header("Location", answer.location)
+                self.send_header("Content-Length", str(len(answer.body)))
+                self.end_headers()
+                self.wfile.write(answer.body)
+
+            do_GET = do_POST
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       name="test-receiver", daemon=True)
+        self.thread.start()
+
+    def answer(self, hit):
+        """Record hit; the Answer for it, once its delay has passed."""
+        with self.cond:
+            self.hits.append(hit)
+            self.cond.notify_all()
+            answer = self.script.popleft() if self.script else None
+        answer = self.respond(hit) if answer is None else answer
+        if not isinstance(answer, Answer):
+            answer = Answer(200) if answer is None else Answer(200, json.dumps(answer).encode(), "application/json")
+        time.sleep(answer.delay)
+        return answer
+
+    def reports(self, where=None):
+        """The JSON bodies received, in order, those matching where if given."""
+        with self.cond:
+            found = [hit.report() for hit in self.hits if hit.body]
+        return [r for r in found if where is None or where(r)]
+
+    def wait(self, where, count=1, timeout=10.0):
+        """The count-th report matching where, waiting up to timeout for it."""
+        with self.cond:
+            self.cond.wait_for(lambda: len(self.reports(where)) >= count, timeout)
+        found = self.reports(where)
+        assert len(found) >= count, "no report %d within %s s; last: %r" % (count, timeout, self.reports()[-3:])
+        return found[count - 1]
+
+    def close(self):
+        """Stop listening and cut the open connections: the endpoint is down until start()."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+        with self.cond:
+            connections, self.connections = self.connections, []
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def make_receiver():
+    """make_receiver(respond=...): a Receiver, closed after the test."""
+    receivers = []
+
+    def make(**options):
+        receivers.append(Receiver(**options))
+        return receivers[-1]
+
+    yield make
+    for receiver in receivers:
+        receiver.close()

@@ -8,18 +8,9 @@ import sys
 import threading
 import time
 
-from conftest import ROOT
+from conftest import ROOT, wait_until
 
 LISTEN = [{"host": "127.0.0.1", "port": 0}]
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 class Conn(object):

@@ -9,17 +9,16 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 
 import webqq
+from conftest import ROOT, Answer, free_port, wait_until
 from plugins import controller
 from plugins.controller import Controller
 from smartqq_sim import Simulator
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEBQQ = os.path.join(ROOT, "webqq.py")
 KILL = getattr(signal, "SIGKILL", signal.SIGTERM)
 # Client options that make a login against the simulator quick.
@@ -28,16 +27,6 @@ FAST = dict(check_interval=0.1, restart_delay=0.2, stop_timeout=5, client_grace=
 
 http = requests.Session()
 http.trust_env = False      # never through a proxy from the environment
-
-
-def wait_until(predicate, timeout=15.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def call(base, path, method="GET", **kwargs):
@@ -66,56 +55,6 @@ def wait_state(base, name, state, timeout=20.0):
 
 def gone(pid):
     return not webqq.pid_alive(pid)
-
-
-def free_port():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
-class Endpoint(object):
-    """An HTTP server on 127.0.0.1:0 (a post_api or a poll_api) recording every request and answering
-    with respond(method, path) -> (status, headers)."""
-
-    def __init__(self, respond=lambda method, path: (200, {})):
-        self.hits = []
-        self.lock = threading.Lock()
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with endpoint.lock:
-                    endpoint.hits.append((self.command, self.path, body))
-                status, headers = respond(self.command, self.path)
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            do_POST = do_GET
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, name="test-endpoint", daemon=True)
-        self.thread.start()
-
-    def paths(self):
-        with self.lock:
-            return [path for _, path, _ in self.hits]
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
 
 
 class ControllerProcess(object):
@@ -200,17 +139,10 @@ def in_process(tmp_path, reaper, **options):
 
 # -- the whole life of three accounts -----------------------------------------------------------
 
-def test_three_accounts_proxy_restart_stop_and_adoption(tmp_path, sims, reaper):
-    posts = Endpoint()
-    try:
-        run_three_accounts(tmp_path, sims, reaper, posts)
-    finally:
-        posts.stop()
-
-
-def run_three_accounts(tmp_path, sims, reaper, posts):
+def test_three_accounts_proxy_restart_stop_and_adoption(tmp_path, sims, reaper, make_receiver):
+    posts = make_receiver()
     flags = ["--check-interval", 0.1, "--restart-delay", 0.2, "--client-grace", 3,
-             "--backend-start-port", free_port(), "--post-api", posts.url + "/post?from=ctl"]
+             "--backend-start-port", free_port(), "--post-api", posts.base + "/post?from=ctl"]
     ctl = ControllerProcess(str(tmp_path), *flags)
     reaper.append(ctl)
     base = ctl.url
@@ -227,7 +159,7 @@ def run_three_accounts(tmp_path, sims, reaper, posts):
         if name == "c1":
             params["log_level"] = "debug"          # honoured (the original overrode it)
         if name == "c3":
-            params["post_api"] = posts.url + "/post3"
+            params["post_api"] = posts.base + "/post3"
         body = answer(base, "/openqq/start_client", **params)
         assert body == dict(params, account=name, code=0, status="success", pid=body["pid"], port=body["port"])
         assert isinstance(body["pid"], int) and isinstance(body["port"], int)
@@ -279,7 +211,7 @@ def run_three_accounts(tmp_path, sims, reaper, posts):
 
     # post_api inherited with client=NAME added, or the client's own
     assert wait_until(lambda: {"/post?from=ctl&client=c1", "/post?from=ctl&client=c2", "/post3?client=c3"}
-                      <= set(posts.paths()), 10)
+                      <= {hit.path for hit in posts.hits}, 10)
 
     # no QR while logged in: 404, empty
     res = http.get(base + "/openqq/get_qrcode", params={"client": "c1"}, timeout=5)
@@ -419,7 +351,8 @@ def test_a_client_whose_port_was_taken_moves_to_another(tmp_path, reaper, monkey
         squatter.bind(("127.0.0.1", state["port"]))
         squatter.listen(1)
         try:
-            moved = wait_until(lambda: (entry(ctl.url, "t1") or {}).get("state") == "scaning" and entry(ctl.url, "t1"))
+            moved = wait_until(lambda: (entry(ctl.url, "t1") or {}).get("state") == "scaning" and entry(ctl.url, "t1"),
+                               15)
             assert moved and moved["port"] not in (taken, state["port"]) and moved["pid"] != state["pid"]
         finally:
             squatter.close()

@@ -3,27 +3,16 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 import webqq
-from conftest import scan_and_confirm
+from conftest import log_in, scan_and_confirm, wait_until
 
 
 def read_state(client):
     with open(client.state_path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def wait_until(predicate, timeout=10.0, interval=0.02):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 # -- login --------------------------------------------------------------------
@@ -97,10 +86,7 @@ def test_rejected_scan_stops_the_client(sim, make_client):
 
 
 def test_cookie_resume_needs_no_scan(sim, make_client):
-    first = make_client()
-    first.start()
-    scan_and_confirm(sim)
-    assert first.wait_for_state("running", timeout=10)
+    first = log_in(sim, make_client())
     first.stop()
     shows = sum(1 for r in sim.requests if r["path"] == "/ptqrshow")
     second = make_client()
@@ -131,9 +117,7 @@ def test_stale_pid_file_is_taken_over(sim, make_client):
     client = make_client()
     with open(client.pid_path, "w") as f:
         f.write("999999999")
-    client.start()
-    scan_and_confirm(sim)
-    assert client.wait_for_state("running", timeout=10)
+    log_in(sim, client)
 
 
 # -- receiving ------------------------------------------------------------------
@@ -278,10 +262,7 @@ def test_a_send_that_fails_twice_then_works(sim, running):
 
 
 def test_send_interval_paces_sends(sim, make_client):
-    client = make_client(send_interval=0.3)
-    client.start()
-    scan_and_confirm(sim)
-    assert client.wait_for_state("running", timeout=10)
+    client = log_in(sim, make_client(send_interval=0.3))
     friend = client.contacts.friends()[0]
     msgs = [client.send_friend_message(friend, "m%d" % i) for i in range(3)]
     assert all(m.wait(10) for m in msgs)
@@ -295,10 +276,7 @@ def test_empty_content_is_refused(running):
 
 
 def test_stop_fails_queued_sends(sim, make_client):
-    client = make_client(send_interval=30)
-    client.start()
-    scan_and_confirm(sim)
-    assert client.wait_for_state("running", timeout=10)
+    client = log_in(sim, make_client(send_interval=30))
     friend = client.contacts.friends()[0]
     first, second = client.send_friend_message(friend, "a"), client.send_friend_message(friend, "b")
     assert first.wait(10) and first.code == 0
@@ -318,10 +296,7 @@ def test_members_load_in_the_background_with_numbers(sim, running):
 
 
 def test_refresh_diffs_into_events(sim, make_client):
-    client = make_client(update_interval=0.5)
-    client.start()
-    scan_and_confirm(sim)
-    assert client.wait_for_state("running", timeout=10)
+    client = log_in(sim, make_client(update_interval=0.5))
     group = sim.world.groups[0]
     assert wait_until(lambda: client.contacts.group(group.gid).members_loaded)
     gone = sim.world.friends[-1]

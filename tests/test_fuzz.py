@@ -25,6 +25,7 @@ from urllib.parse import quote
 import pytest
 
 import webqq
+from conftest import wait_until
 from smartqq_sim import Simulator
 
 REQUESTS = 10000        # in all, slow-loris connections included
@@ -443,13 +444,6 @@ def slow_loris(address, rng, tally, results):
     with tally.lock:
         tally.requests += 1
     results.append((style, closed_after, data[:12]))
-
-
-def wait_until(predicate, timeout):
-    deadline = time.time() + timeout
-    while not predicate() and time.time() < deadline:
-        time.sleep(0.05)
-    return predicate()
 
 
 def memory():

@@ -6,18 +6,15 @@ import hmac
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 
 import webqq
-from conftest import ROOT, Recorder
+from conftest import ROOT, Receiver, Recorder, free_port, wait_until
 from onebot_sim import OneBotSimulator
 from plugins import onebot
 
@@ -45,68 +42,6 @@ WORLD = {
 
 # -- helpers --------------------------------------------------------------------------------
 
-def wait_until(predicate, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
-
-
-class PostApi(object):
-    """A post_api endpoint on 127.0.0.1:0: records every report; `answer(report)` gives the JSON reply."""
-
-    def __init__(self):
-        self.reports = []
-        self.cond = threading.Condition()
-        self.answer = lambda report: None
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                report = json.loads(self.rfile.read(int(self.headers["Content-Length"])).decode("utf-8"))
-                reply = endpoint.answer(report)
-                body = json.dumps(reply).encode() if reply is not None else b"ok"
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json" if reply is not None else "text/plain")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                with endpoint.cond:
-                    endpoint.reports.append(report)
-                    endpoint.cond.notify_all()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = "http://127.0.0.1:%d/post" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       name="test-post-api", daemon=True)
-        self.thread.start()
-
-    def matching(self, where):
-        with self.cond:
-            return [r for r in self.reports if where(r)]
-
-    def wait(self, where, count=1, timeout=10.0):
-        """The count-th report matching where, waiting for it."""
-        with self.cond:
-            self.cond.wait_for(lambda: len([r for r in self.reports if where(r)]) >= count, timeout)
-        found = self.matching(where)
-        assert len(found) >= count, "no report %d within %s s; last: %r" % (count, timeout, self.reports[-3:])
-        return found[count - 1]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-
-
 def event(name):
     return lambda r: r.get("post_type") == "event" and r.get("event") == name
 
@@ -121,7 +56,7 @@ class Bridge(object):
     def __init__(self, profile, tmpdir, knobs=None, client=None, openqq=None, **options):
         self.sim = OneBotSimulator(profile, WORLD, access_token=TOKEN, secret=SECRET, post_retry_interval=0.05,
                                    **(knobs or {})).start()
-        self.post_api = PostApi()
+        self.post_api = Receiver()
         upstream = dict(url=self.sim.url, access_token=TOKEN, secret=SECRET, listen="127.0.0.1:0", send_rate=0)
         upstream.update(options)
         client_options = dict(tmpdir=tmpdir, send_interval=0, qrcode_display="none", log_level="info")
@@ -213,12 +148,6 @@ CHAT_MEMBERS = [member_json(ME, "小灰", sex="male"), member_json(DAVE, "dave")
 
 def signed(body, secret=SECRET):
     return "sha1=" + hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the simulator's implementations -----------------------------------------------------------
@@ -427,14 +356,15 @@ def test_messages_and_member_changes_are_reported_and_queued(bridge):
 
 
 def test_quick_reply_and_shutup(bridge):
-    def answer(report):
+    def answer(hit):
+        report = hit.report()
         if report.get("class") != "recv":
             return None
         if report["type"] == "group_message":
             return {"reply": "收到", "shutup": 1, "shutup_time": 120}
         return {"reply": "你好"}
 
-    bridge.post_api.answer = answer
+    bridge.post_api.respond = answer
     bridge.sim.post_group_message(PERL, CAROL, "广告")
     assert wait_until(lambda: bridge.calls("set_group_ban"))
     assert bridge.calls("set_group_ban")[0]["params"] == {"group_id": PERL, "user_id": CAROL, "duration": 120}
@@ -541,9 +471,9 @@ def test_wrong_token_or_account_stops_the_client(make_bridge, option):
 @pytest.mark.parametrize("profile", ["spec", "napcat"])
 def test_offline_account_changes_state_and_comes_back(make_bridge, profile):
     bridge = make_bridge(profile, status_interval=0.2)
-    changes = lambda: [r["params"] for r in bridge.post_api.matching(event("state_change"))]  # noqa: E731
+    changes = lambda: [r["params"] for r in bridge.post_api.reports(event("state_change"))]  # noqa: E731
     assert wait_until(lambda: changes()[-1:] == [["updating", "running"]])
-    logins = len(bridge.post_api.matching(event("login")))
+    logins = len(bridge.post_api.reports(event("login")))
     bridge.sim.set_online(False)           # napcat also posts bot_offline; spec is noticed by get_status
     assert wait_until(lambda: changes()[-1:] == [["running", "updating"]], timeout=5)
     assert bridge.get("get_user_info").json()["code"] == -7

@@ -4,21 +4,18 @@ import collections
 import hashlib
 import hmac
 import json
-import logging
-import os
 import shutil
 import socket
 import subprocess
 import ssl
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 
 import webqq
-from conftest import Recorder, scan_and_confirm
+from conftest import Answer, LogLines, Receiver, Recorder, free_port, log_in, scan_and_confirm, wait_until
 from plugins import openqq
 from smartqq_sim import Simulator, World
 
@@ -33,69 +30,6 @@ FAST = dict(check_event_timeout=1, stop_delay=0.2, post_retry_backoff=0.05, post
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-class Receiver(object):
-    """An HTTP endpoint on 127.0.0.1:0 (a post_api or a poll_api) that records every request and
-    answers from a script of (status, content_type, body, delay), then with the default."""
-
-    def __init__(self):
-        self.hits = []
-        self.arrived = 0
-        self.cond = threading.Condition()
-        self.script = collections.deque()
-        self.default = (200, "text/plain", b"ok", 0)
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with receiver.cond:
-                    receiver.arrived += 1
-                    answer = receiver.script.popleft() if receiver.script else receiver.default
-                status, ctype, data, delay = answer
-                if delay:
-                    time.sleep(delay)
-                if callable(data):
-                    status, ctype, data = data()
-                with receiver.cond:
-                    receiver.hits.append((self.command, self.path, dict(self.headers), body))
-                    receiver.cond.notify_all()
-                self.send_response(status)
-                for name, value in ([("Location", ctype)] if status in (301, 302) else [("Content-Type", ctype)]):
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = "http://127.0.0.1:%d/post" % self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, name="test-receiver", daemon=True).start()
-
-    def reports(self, where=None):
-        with self.cond:
-            found = [json.loads(body.decode("utf-8")) for _, _, _, body in self.hits if body]
-        return [r for r in found if where is None or where(r)]
-
-    def wait(self, where, count=1, timeout=10.0):
-        """The count-th report matching where, waiting for it."""
-        with self.cond:
-            self.cond.wait_for(lambda: len(self.reports(where)) >= count, timeout)
-        found = self.reports(where)
-        assert len(found) >= count, "no report (%d) within %s s: %r" % (count, timeout, self.reports()[-5:])
-        return found[count - 1]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
 
 def load_openqq(client, **options):
     """Load the plugin on 127.0.0.1:0 and return it."""
@@ -138,15 +72,6 @@ def raw_request(base, text, read=True):
                     return data
 
 
-def wait_until(predicate, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
-
-
 def types(obj):
     return {k: type(v).__name__ for k, v in obj.items()}
 
@@ -169,9 +94,7 @@ def env(tmp_path_factory):
                           http_timeout=5, log_level="debug")
     client.recorder = Recorder(client)
     plugin = load_openqq(client, post_api=receiver.url)
-    client.start()
-    scan_and_confirm(sim)
-    assert client.wait_for_state("running", timeout=10)
+    log_in(sim, client)
     for group in client.contacts.groups():
         assert client.ensure_members(group)
     env = collections.namedtuple("Env", "sim client plugin url receiver")(sim, client, plugin, plugin.urls[0], receiver)
@@ -572,24 +495,12 @@ def test_tls_listen_and_a_tls_poller_that_hangs_up(env, self_signed):
 
 # -- tokens and protected mode ------------------------------------------------------------------
 
-class LogLines(logging.Handler):
-    """Every line logged under "webqq", at any level."""
-
-    def __init__(self):
-        logging.Handler.__init__(self, logging.DEBUG)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(self.format(record))
-
-
 def test_access_token(env):
     token = "s3cret-Tok"
     plugin = load_openqq(env.client, access_token=token)
     url = plugin.urls[0]
     failure = {"code": -6, "status": "auth failure"}
     lines = LogLines()
-    logging.getLogger("webqq").addHandler(lines)
     for kwargs in ({}, {"params": {"access_token": "wrong"}}, {"headers": {"Authorization": "Bearer wrong"}},
                    {"headers": {"Authorization": "Basic %s" % token}}):
         answer = get(url, "get_user_info", **kwargs)
@@ -602,7 +513,7 @@ def test_access_token(env):
     assert post(url, "search_friend", data={"access_token": token, "id": "1"}).json()["code"] == 100
     assert post(url, "search_friend", json={"access_token": token, "id": 1}).json()["code"] == 100
     assert requests.options(url + "/openqq/get_user_info?access_token=" + token, timeout=5).status_code == 200
-    logging.getLogger("webqq").removeHandler(lines)
+    lines.close()
     assert any("access_token=***" in line for line in lines.lines)
     assert not any(token in line for line in lines.lines)
 
@@ -820,16 +731,16 @@ def test_post_api_message_reports(env):
     assert set(r) == base | {"group", "group_id", "group_uid", "from", "ttl", "source", "code", "msg", "info"}
     assert (r["post_type"], r["class"], r["from"], r["code"], r["msg"], r["id"], r["source"]) == (
         "send_message", "send", "api", 0, "发送成功", answer["id"], "local")
-    hit = [h for h in receiver.hits if b"pa-sent" in h[3]][0]
-    assert hit[0] == "POST" and hit[2]["Content-Type"] == "application/json"
-    assert "X-Signature" not in hit[2]
+    hit = [h for h in receiver.hits if b"pa-sent" in h.body][0]
+    assert hit.method == "POST" and hit.headers["Content-Type"] == "application/json"
+    assert "X-Signature" not in hit.headers
 
 
 def test_post_api_reply_and_shutup(env):
     sim, client, receiver = env.sim, env.client, env.receiver
     world = sim.world
     friend = world.friends[5]
-    receiver.script.append((200, "application/json; charset=utf-8", json.dumps({"reply": "你好", "code": 0}).encode(), 0))
+    receiver.script.append(Answer(200, json.dumps({"reply": "你好", "code": 0}).encode(), "application/json; charset=utf-8"))
     sim.inject_friend_message(friend.uin, "reply to me")
     assert wait_until(lambda: any(s["text"] == "你好" and s["r"]["to"] == friend.uin for s in sim.sent))
     reply = receiver.wait(lambda r: r.get("content") == "你好" and r["post_type"] == "send_message")
@@ -837,7 +748,7 @@ def test_post_api_reply_and_shutup(env):
 
     group = admin_group(client)
     member = [m for m in group.members if m.role == "member" and m.id != client.user.id][0]
-    receiver.script.append((200, "text/json", b'{"reply":"shh","shutup":1,"shutup_time":300}', 0))
+    receiver.script.append(Answer(200, b'{"reply":"shh","shutup":1,"shutup_time":300}', "text/json"))
     sim.inject_group_message(group.id, member.id, "spam spam")
     assert wait_until(lambda: any(s["text"] == "shh" for s in sim.sent))
     assert wait_until(lambda: sim.admin_actions and sim.admin_actions[-1]["members"] == [member.uid])
@@ -845,10 +756,9 @@ def test_post_api_reply_and_shutup(env):
 
     # a non-JSON answer, invalid JSON, an array, or an empty reply: nothing happens
     before = len(sim.sent)
-    for answer in ((200, "text/plain", b'{"reply":"no"}', 0), (200, "application/json", b"{oops", 0),
-                   (200, "application/json", b'["no"]', 0), (200, "application/json", b'{"reply":""}', 0),
-                   (500, "application/json", b'{"reply":"no"}', 0)):
-        receiver.script.append(answer)
+    receiver.script.extend([Answer(200, b'{"reply":"no"}'), Answer(200, b"{oops", "application/json"),
+                            Answer(200, b'["no"]', "application/json"), Answer(200, b'{"reply":""}', "application/json"),
+                            Answer(500, b'{"reply":"no"}', "application/json")])
     for n in range(5):
         sim.inject_friend_message(friend.uin, "ignored %d" % n)
         receiver.wait(lambda r, n=n: r.get("content") == "ignored %d" % n)
@@ -856,76 +766,67 @@ def test_post_api_reply_and_shutup(env):
     assert len(sim.sent) == before
 
 
-def test_post_api_signature_and_retries(env):
-    receiver = Receiver()
-    try:
-        plugin = load_openqq(env.client, post_api=receiver.url, post_secret="k3y", post_event_list="")
-        for status in (503, 502, 504):
-            receiver.script.append((status, "text/plain", b"busy", 0))
-        friend = env.client.contacts.friends()[6]
-        get(env.url, "send_friend_message", params={"id": friend.id, "content": "signed", "async": 1})
-        report = receiver.wait(lambda r: r.get("content") == "signed", count=4)
-        hits = [h for h in receiver.hits if b"signed" in h[3]]
-        assert len(hits) == 4
-        body = hits[-1][3]
-        assert hits[-1][2]["X-Signature"] == "sha1=" + hmac.new(b"k3y", body, hashlib.sha1).hexdigest()
-        assert report["post_type"] == "send_message"
-        assert wait_until(lambda: plugin.reporter.counters()["sent"] == 1)
-        counts = plugin.reporter.counters()
-        assert (counts["retried"], counts["failed"], counts["queued"]) == (3, 0, 0)
-        # a 500 is not retried
-        receiver.script.append((500, "text/plain", b"bug", 0))
-        get(env.url, "send_friend_message", params={"id": friend.id, "content": "once", "async": 1})
-        receiver.wait(lambda r: r.get("content") == "once")
-        assert wait_until(lambda: plugin.reporter.counters()["failed"] == 1)
-        time.sleep(0.2)
-        assert len([h for h in receiver.hits if b'"once"' in h[3]]) == 1
+def test_post_api_signature_and_retries(env, make_receiver):
+    receiver = make_receiver()
+    plugin = load_openqq(env.client, post_api=receiver.url, post_secret="k3y", post_event_list="")
+    receiver.script.extend(Answer(status, b"busy") for status in (503, 502, 504))
+    friend = env.client.contacts.friends()[6]
+    get(env.url, "send_friend_message", params={"id": friend.id, "content": "signed", "async": 1})
+    report = receiver.wait(lambda r: r.get("content") == "signed", count=4)
+    hits = [h for h in receiver.hits if b"signed" in h.body]
+    assert len(hits) == 4
+    body = hits[-1].body
+    assert hits[-1].headers["X-Signature"] == "sha1=" + hmac.new(b"k3y", body, hashlib.sha1).hexdigest()
+    assert report["post_type"] == "send_message"
+    assert wait_until(lambda: plugin.reporter.counters()["sent"] == 1)
+    counts = plugin.reporter.counters()
+    assert (counts["retried"], counts["failed"], counts["queued"]) == (3, 0, 0)
+    # a 500 is not retried
+    receiver.script.append(Answer(500, b"bug"))
+    get(env.url, "send_friend_message", params={"id": friend.id, "content": "once", "async": 1})
+    receiver.wait(lambda r: r.get("content") == "once")
+    assert wait_until(lambda: plugin.reporter.counters()["failed"] == 1)
+    time.sleep(0.2)
+    assert len([h for h in receiver.hits if b'"once"' in h.body]) == 1
+    plugin.stop()
+
+
+def test_post_api_down_or_slow_never_blocks(env, make_receiver):
+    dead_url = "http://127.0.0.1:%d/post" % free_port()
+    slow = make_receiver(respond=lambda hit: Answer(200, b"late", delay=3))
+    down = load_openqq(env.client, post_api=dead_url, post_retries=2)
+    late = load_openqq(env.client, post_api=slow.url, post_timeout=0.3, post_workers=2)
+    hub = load_openqq(env.client)
+    friend = env.sim.world.friends[7]
+    started = time.time()
+    for n in range(6):
+        env.sim.inject_friend_message(friend.uin, "through %d" % n)
+    assert wait_until(lambda: len([1 for _, i in hub.hub.history if str(i.get("content")).startswith("through")]) == 6,
+                      timeout=5)
+    assert time.time() - started < 3
+    assert wait_until(lambda: down.reporter.counters()["failed"] == 6)
+    counts = down.reporter.counters()
+    assert (counts["sent"], counts["retried"]) == (0, 12)
+    assert wait_until(lambda: late.reporter.counters()["failed"] >= 2)
+    assert late.reporter.counters()["retried"] == 0
+    stop_started = time.time()
+    for plugin in (down, late, hub):
         plugin.stop()
-    finally:
-        receiver.close()
+    assert time.time() - stop_started < 6
 
 
-def test_post_api_down_or_slow_never_blocks(env):
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))
-    dead_url = "http://127.0.0.1:%d/post" % closed.getsockname()[1]
-    closed.close()
-    slow = Receiver()
-    slow.default = (200, "text/plain", b"late", 3)
-    try:
-        down = load_openqq(env.client, post_api=dead_url, post_retries=2)
-        late = load_openqq(env.client, post_api=slow.url, post_timeout=0.3, post_workers=2)
-        hub = load_openqq(env.client)
-        friend = env.sim.world.friends[7]
-        started = time.time()
-        for n in range(6):
-            env.sim.inject_friend_message(friend.uin, "through %d" % n)
-        assert wait_until(lambda: len([1 for _, i in hub.hub.history if str(i.get("content")).startswith("through")]) == 6,
-                          timeout=5)
-        assert time.time() - started < 3
-        assert wait_until(lambda: down.reporter.counters()["failed"] == 6)
-        counts = down.reporter.counters()
-        assert (counts["sent"], counts["retried"]) == (0, 12)
-        assert wait_until(lambda: late.reporter.counters()["failed"] >= 2)
-        assert late.reporter.counters()["retried"] == 0
-        stop_started = time.time()
-        for plugin in (down, late, hub):
-            plugin.stop()
-        assert time.time() - stop_started < 6
-    finally:
-        slow.close()
-
-
-def test_post_api_queue_bound(env):
+def test_post_api_queue_bound(env, make_receiver):
     hold = threading.Event()
-    receiver = Receiver()
-    receiver.default = (200, "text/plain", lambda: (hold.wait(10), (200, "text/plain", b"ok"))[1], 0)
+
+    def respond(hit):
+        hold.wait(10)        # then 200 "ok"
+    receiver = make_receiver(respond=respond)
     try:
         plugin = load_openqq(env.client, post_api=receiver.url, post_queue_size=3, post_workers=1,
                              post_event_list="")
         friend = env.client.contacts.friends()[0]
         get(env.url, "send_friend_message", params={"id": friend.id, "content": "q0", "async": 1})
-        assert wait_until(lambda: receiver.arrived == 1)    # the worker holds q0, waiting for the answer
+        assert wait_until(lambda: len(receiver.hits) == 1)    # the worker holds q0, waiting for the answer
         for n in range(1, 6):
             get(env.url, "send_friend_message", params={"id": friend.id, "content": "q%d" % n, "async": 1})
         assert wait_until(lambda: plugin.reporter.counters()["dropped"] == 2)
@@ -936,132 +837,115 @@ def test_post_api_queue_bound(env):
         plugin.stop()
     finally:
         hold.set()
-        receiver.close()
 
 
-def test_post_api_events_and_stdout(sim, make_client, capfd):
-    receiver, extra = Receiver(), Receiver()
-    try:
-        client = make_client(update_interval=0.5)
-        main = load_openqq(client, post_api=receiver.url, post_stdout=1)
-        load_openqq(client, post_api=extra.url, post_event_list="new_discuss_member lose_discuss_member")
-        quiet = load_openqq(client, post_event=0)
-        client.start()
-        qr = receiver.wait(lambda r: r.get("event") == "input_qrcode")
-        assert qr["post_type"] == "event" and qr["params"][0] == client.qrcode_path
-        assert qr["params"][1].endswith("\n") and qr["params"][1].replace("\n", "")
-        scan_and_confirm(sim)
-        assert receiver.wait(lambda r: r.get("event") == "login")["params"] == [1]
-        receiver.wait(lambda r: r.get("params") == ["updating", "running"])
-        changes = [r["params"] for r in receiver.reports(lambda r: r.get("event") == "state_change")]
-        assert changes[0] == ["init", "loading"] and changes[-1] == ["updating", "running"]
-        group = sim.world.groups[0]
-        assert wait_until(lambda: client.contacts.group(group.gid).members_loaded)
-        new_friend = sim.add_friend(nick="新朋友")
-        gone = sim.world.friends[-2]
-        sim.remove_friend(gone.uin)
-        new_member = sim.add_member(group.gid, nick="新成员")
-        r = receiver.wait(lambda r: r.get("event") == "new_friend")
-        assert r["params"][0]["id"] == new_friend.uin and set(r["params"][0]) == FRIEND_KEYS
-        assert receiver.wait(lambda r: r.get("event") == "lose_friend")["params"][0]["id"] == gone.uin
-        r = receiver.wait(lambda r: r.get("event") == "new_group_member")
-        assert r["params"][0]["id"] == new_member.uin and r["params"][1]["id"] == group.gid
-        assert r["params"][1]["member"]
-        new_group = sim.add_group(name="新群")
-        r = receiver.wait(lambda r: r.get("event") == "new_group")
-        assert r["params"][0]["id"] == new_group.gid and set(r["params"][0]) == GROUP_KEYS | {"member"}
-        sim.remove_group(new_group.gid)
-        assert receiver.wait(lambda r: r.get("event") == "lose_group")["params"][0]["id"] == new_group.gid
-        discuss = sim.world.discusses[0]
-        newcomer = sim.add_discuss_member(discuss.did, nick="讨论新人")
-        r = extra.wait(lambda r: r.get("event") == "new_discuss_member")
-        assert r["params"][0]["id"] == str(newcomer.uin) and r["params"][1]["id"] == discuss.did
-        assert not extra.reports(lambda r: r.get("event") != "new_discuss_member")
-        # property changes are not in the default list; check_event queues contact events only
-        assert not receiver.reports(lambda r: str(r.get("event")).endswith("_property_change"))
-        queued = {item.get("event") for _, item in main.hub.history}
-        assert {"new_friend", "lose_friend", "new_group_member", "new_group", "lose_group"} <= queued
-        assert not queued & {"login", "state_change", "input_qrcode", "stop"}
-        assert list(quiet.hub.history) == []
-        client.stop()
-        assert receiver.reports(lambda r: r.get("event") == "stop")[0]["params"] == []
-        lines = [json.loads(line) for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
-        assert {"event": "login", "params": [1], "post_type": "event"} in lines
-    finally:
-        receiver.close()
-        extra.close()
+def test_post_api_events_and_stdout(sim, make_client, make_receiver, capfd):
+    receiver, extra = make_receiver(), make_receiver()
+    client = make_client(update_interval=0.5)
+    main = load_openqq(client, post_api=receiver.url, post_stdout=1)
+    load_openqq(client, post_api=extra.url, post_event_list="new_discuss_member lose_discuss_member")
+    quiet = load_openqq(client, post_event=0)
+    client.start()
+    qr = receiver.wait(lambda r: r.get("event") == "input_qrcode")
+    assert qr["post_type"] == "event" and qr["params"][0] == client.qrcode_path
+    assert qr["params"][1].endswith("\n") and qr["params"][1].replace("\n", "")
+    scan_and_confirm(sim)
+    assert receiver.wait(lambda r: r.get("event") == "login")["params"] == [1]
+    receiver.wait(lambda r: r.get("params") == ["updating", "running"])
+    changes = [r["params"] for r in receiver.reports(lambda r: r.get("event") == "state_change")]
+    assert changes[0] == ["init", "loading"] and changes[-1] == ["updating", "running"]
+    group = sim.world.groups[0]
+    assert wait_until(lambda: client.contacts.group(group.gid).members_loaded)
+    new_friend = sim.add_friend(nick="新朋友")
+    gone = sim.world.friends[-2]
+    sim.remove_friend(gone.uin)
+    new_member = sim.add_member(group.gid, nick="新成员")
+    r = receiver.wait(lambda r: r.get("event") == "new_friend")
+    assert r["params"][0]["id"] == new_friend.uin and set(r["params"][0]) == FRIEND_KEYS
+    assert receiver.wait(lambda r: r.get("event") == "lose_friend")["params"][0]["id"] == gone.uin
+    r = receiver.wait(lambda r: r.get("event") == "new_group_member")
+    assert r["params"][0]["id"] == new_member.uin and r["params"][1]["id"] == group.gid
+    assert r["params"][1]["member"]
+    new_group = sim.add_group(name="新群")
+    r = receiver.wait(lambda r: r.get("event") == "new_group")
+    assert r["params"][0]["id"] == new_group.gid and set(r["params"][0]) == GROUP_KEYS | {"member"}
+    sim.remove_group(new_group.gid)
+    assert receiver.wait(lambda r: r.get("event") == "lose_group")["params"][0]["id"] == new_group.gid
+    discuss = sim.world.discusses[0]
+    newcomer = sim.add_discuss_member(discuss.did, nick="讨论新人")
+    r = extra.wait(lambda r: r.get("event") == "new_discuss_member")
+    assert r["params"][0]["id"] == str(newcomer.uin) and r["params"][1]["id"] == discuss.did
+    assert not extra.reports(lambda r: r.get("event") != "new_discuss_member")
+    # property changes are not in the default list; check_event queues contact events only
+    assert not receiver.reports(lambda r: str(r.get("event")).endswith("_property_change"))
+    queued = {item.get("event") for _, item in main.hub.history}
+    assert {"new_friend", "lose_friend", "new_group_member", "new_group", "lose_group"} <= queued
+    assert not queued & {"login", "state_change", "input_qrcode", "stop"}
+    assert list(quiet.hub.history) == []
+    client.stop()
+    assert receiver.reports(lambda r: r.get("event") == "stop")[0]["params"] == []
+    lines = [json.loads(line) for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
+    assert {"event": "login", "params": [1], "post_type": "event"} in lines
 
 
 # -- poll_api -------------------------------------------------------------------------------------
 
-def test_poll_api_follows_redirects_into_its_own_api_only(env):
-    foreign = Receiver()
-    poll = Receiver()
-    try:
-        friend = env.client.contacts.friends()[2]
-        poll.default = (204, "text/plain", b"", 0)
-        plugin = load_openqq(env.client, poll_api=poll.url, poll_interval=0.05)
-        own = "%s/openqq/send_friend_message?id=%d&content=%%E6%%9D%%A5%%E8%%87%%AA+poll" % (plugin.urls[0], friend.id)
-        outside = foreign.url.replace("/post", "/openqq/send_friend_message?id=%d&content=no" % friend.id)
-        other_port = "%s/openqq/send_friend_message?id=%d&content=no" % (env.url, friend.id)
-        poll.script.extend([(302, own, b"", 0), (302, outside, b"", 0), (301, other_port, b"", 0),
-                            (500, "text/plain", b"x", 0)])
-        assert wait_until(lambda: "来自 poll" in sent_texts(env.sim))
-        assert wait_until(lambda: not poll.script and len(poll.hits) >= 6)
-        assert foreign.hits == [] and "no" not in sent_texts(env.sim)
-        assert plugin.owns(own) and not plugin.owns(outside) and not plugin.owns(other_port)
-        assert plugin.owns(own.replace("127.0.0.1", "localhost"))
-        assert not plugin.owns(env.url + "/elsewhere") and not plugin.owns("ftp://127.0.0.1/openqq/x")
-        plugin.stop()
-        count = len(poll.hits)
-        time.sleep(0.2)
-        assert len(poll.hits) == count
-    finally:
-        foreign.close()
-        poll.close()
+def test_poll_api_follows_redirects_into_its_own_api_only(env, make_receiver):
+    foreign = make_receiver()
+    poll = make_receiver(respond=lambda hit: Answer(204, b""))
+    friend = env.client.contacts.friends()[2]
+    plugin = load_openqq(env.client, poll_api=poll.url, poll_interval=0.05)
+    own = "%s/openqq/send_friend_message?id=%d&content=%%E6%%9D%%A5%%E8%%87%%AA+poll" % (plugin.urls[0], friend.id)
+    outside = foreign.base + "/openqq/send_friend_message?id=%d&content=no" % friend.id
+    other_port = "%s/openqq/send_friend_message?id=%d&content=no" % (env.url, friend.id)
+    poll.script.extend([Answer(302, b"", location=own), Answer(302, b"", location=outside),
+                        Answer(301, b"", location=other_port), Answer(500, b"x")])
+    assert wait_until(lambda: "来自 poll" in sent_texts(env.sim))
+    assert wait_until(lambda: not poll.script and len(poll.hits) >= 6)
+    assert foreign.hits == [] and "no" not in sent_texts(env.sim)
+    assert plugin.owns(own) and not plugin.owns(outside) and not plugin.owns(other_port)
+    assert plugin.owns(own.replace("127.0.0.1", "localhost"))
+    assert not plugin.owns(env.url + "/elsewhere") and not plugin.owns("ftp://127.0.0.1/openqq/x")
+    plugin.stop()
+    count = len(poll.hits)
+    time.sleep(0.2)
+    assert len(poll.hits) == count
 
 
 # -- control routes and stopping ------------------------------------------------------------------
 
-def test_stop_client_stops_everything(sim, make_client):
-    receiver = Receiver()
-    try:
-        client = make_client()
-        plugin = load_openqq(client, post_api=receiver.url, stop_delay=0.3, check_event_timeout=10)
-        client.start()
-        scan_and_confirm(sim)
-        assert client.wait_for_state("running", timeout=10)
-        url = plugin.urls[0]
-        waiting = {}
+def test_stop_client_stops_everything(sim, make_client, make_receiver):
+    receiver = make_receiver()
+    client = make_client()
+    plugin = load_openqq(client, post_api=receiver.url, stop_delay=0.3, check_event_timeout=10)
+    log_in(sim, client)
+    url = plugin.urls[0]
+    waiting = {}
 
-        def poll():
-            waiting["answer"] = get(url, "check_event").json()
+    def poll():
+        waiting["answer"] = get(url, "check_event").json()
 
-        poller = threading.Thread(target=poll)
-        poller.start()
-        answer = get(url, "stop_client").json()
-        assert set(answer) == {"account", "code", "pid", "runtime", "starttime", "status"}
-        assert answer["status"] == "success, client(%d) will stop in 0.3 seconds" % client.pid
-        assert client.wait_for_state("stop", timeout=10)
-        poller.join(10)
-        assert waiting["answer"] == []
-        port = plugin.servers[0].port
-        threads = plugin.reporter.threads + [s.thread for s in plugin.servers] + list(plugin.threads)
-        assert wait_until(lambda: not any(t.is_alive() for t in threads), timeout=5)
-        assert not [t for t in threading.enumerate() if t.name == "openqq-conn-%d" % port]
-        assert receiver.wait(lambda r: r.get("event") == "stop")
-        with pytest.raises(requests.ConnectionError):
-            get(url, "get_client_info", timeout=2)
-    finally:
-        receiver.close()
+    poller = threading.Thread(target=poll)
+    poller.start()
+    answer = get(url, "stop_client").json()
+    assert set(answer) == {"account", "code", "pid", "runtime", "starttime", "status"}
+    assert answer["status"] == "success, client(%d) will stop in 0.3 seconds" % client.pid
+    assert client.wait_for_state("stop", timeout=10)
+    poller.join(10)
+    assert waiting["answer"] == []
+    port = plugin.servers[0].port
+    threads = plugin.reporter.threads + [s.thread for s in plugin.servers] + list(plugin.threads)
+    assert wait_until(lambda: not any(t.is_alive() for t in threads), timeout=5)
+    assert not [t for t in threading.enumerate() if t.name == "openqq-conn-%d" % port]
+    assert receiver.wait(lambda r: r.get("event") == "stop")
+    with pytest.raises(requests.ConnectionError):
+        get(url, "get_client_info", timeout=2)
 
 
 def test_relogin_route(sim, make_client):
     client = make_client()
     plugin = load_openqq(client, stop_delay=0.1)
-    client.start()
-    scan_and_confirm(sim)
-    assert client.wait_for_state("running", timeout=10)
+    log_in(sim, client)
     answer = get(plugin.urls[0], "relogin").json()
     assert answer == {"account": "default", "code": 0,
                       "status": "success, client(%d) will relogin in 0.1 seconds" % client.pid}

@@ -13,9 +13,7 @@ import zlib
 import pytest
 
 import webqq
-from conftest import scan_and_confirm
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, LogLines, log_in, scan_and_confirm, wait_until
 
 # The QR code of "webqq" (version 1, level M), row by row: '#' is a dark module.
 WEBQQ_QR = [
@@ -149,11 +147,7 @@ needs_pty = pytest.mark.skipif(not hasattr(os, "openpty"), reason="no pseudo-ter
 @needs_pty
 def test_a_pty_gets_white_on_black_and_a_warning_when_too_small(tmp_path):
     master, slave = os.openpty()
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    log = logging.getLogger("webqq")
-    log.addHandler(handler)
+    warnings = LogLines(logging.WARNING)
     try:
         with open(slave, "w", encoding="utf-8") as tty:
             if webqq.terminal_size(tty) is None:
@@ -161,11 +155,11 @@ def test_a_pty_gets_white_on_black_and_a_warning_when_too_small(tmp_path):
             webqq.show_qrcode_in_terminal(str(tmp_path / "qr.png"), qr_png(WEBQQ_QR), tty)
         text = os.read(master, 65536).decode("utf-8")
     finally:
-        log.removeHandler(handler)
+        warnings.close()
         os.close(master)
     assert text.replace("\r\n", "\n") == "\n" + "".join(
         webqq.ANSI_QR + line + webqq.ANSI_RESET + "\n" for line in HALF_BLOCKS.strip("\n").split("\n"))
-    assert "the QR code needs 25x13 characters, the window has 0x0" in records[0].getMessage()
+    assert "the QR code needs 25x13 characters, the window has 0x0" in warnings.lines[0]
 
 
 def test_file_display_prints_a_file_link(tmp_path):
@@ -178,15 +172,12 @@ def test_each_qr_display_mode_is_logged_when_it_is_on(make_client, monkeypatch):
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     client = make_client(qrcode_display="terminal, file,viewer,email,console,bogus")
-    lines = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: lines.append(record.getMessage())
-    client.log.addHandler(handler)
+    infos = LogLines(logging.INFO)
     try:
         webqq.start_qr_displays(client)
     finally:
-        client.log.removeHandler(handler)
-    assert lines == [
+        infos.close()
+    assert infos.lines == [
         "二维码显示方式 (QR display): terminal (drawn in this window)",
         "二维码显示方式 (QR display): file (its path printed)",
         "二维码显示方式 viewer: 没有桌面，不打开图片 (QR display viewer is off: no desktop)",
@@ -455,21 +446,14 @@ def test_should_pause_only_on_a_closing_windows_console(monkeypatch):
 
 def test_progress_is_a_log_line_per_step_off_a_terminal(sim, make_client):
     client = make_client()
-    lines = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: lines.append(record.getMessage())
-    client.log.addHandler(handler)
+    infos = LogLines(logging.INFO)
     try:
         webqq.Progress(client, io.StringIO())
-        client.start()
-        scan_and_confirm(sim)
-        assert client.wait_for_state("running", timeout=10)
-        deadline = time.time() + 10
-        while time.time() < deadline and not any("2/2 groups" in line for line in lines):
-            time.sleep(0.02)
+        log_in(sim, client)
+        wait_until(lambda: any("2/2 groups" in line for line in infos.lines))
     finally:
-        client.log.removeHandler(handler)
-    steps = [line for line in lines if line.startswith(("正在", "已加载", "请使用"))]
+        infos.close()
+    steps = [line for line in infos.lines if line.startswith(("正在", "已加载", "请使用"))]
     members = sum(len(g.members) for g in sim.world.groups)
     assert steps == ["正在连接QQ (connecting to QQ)...",
                      "请使用手机QQ扫描二维码 (scan the QR code with the QQ app): %s" % client.qrcode_path,
@@ -506,12 +490,8 @@ def test_progress_redraws_one_line_on_a_terminal(sim, make_client):
         progress = webqq.Progress(client, tty)
         assert progress.handlers == [handler]
         reader.start()
-        client.start()
-        scan_and_confirm(sim)
-        assert client.wait_for_state("running", timeout=10)
-        deadline = time.time() + 10
-        while time.time() < deadline and b"2/2 groups" not in b"".join(chunks):
-            time.sleep(0.02)
+        log_in(sim, client)
+        wait_until(lambda: b"2/2 groups" in b"".join(chunks))
         progress.on_progress("member", 1, 2)                            # in progress again...
         client.log.warning("a log line after the progress")            # ...and a log line comes
         client.stop()
@@ -551,10 +531,7 @@ def test_next_daily_relogin_time(now, expected):
 def test_daily_relogin_logs_in_again_at_its_time(sim, make_client, monkeypatch):
     import datetime
     monkeypatch.setattr(webqq, "next_clock_time", lambda now, hour, minute: now + datetime.timedelta(seconds=0.5))
-    client = make_client(relogin_at="4:30")
-    client.start()
-    scan_and_confirm(sim)
-    assert client.wait_for_state("running", timeout=10)
+    client = log_in(sim, make_client(relogin_at="4:30"))
     client.recorder.wait("relogin", timeout=10)
     assert client.wait_for_state("running", timeout=10) and sim.logins >= 2
     assert len(client.recorder.named("input_qrcode")) == 1                       # the cookie did it: no scan
@@ -574,9 +551,7 @@ def test_restart_after_an_unrecoverable_logout(sim, tmp_path):
     thread.start()
     try:
         scan_and_confirm(sim)
-        deadline = time.time() + 10
-        while time.time() < deadline and not (runner.client and runner.client.state == "running"):
-            time.sleep(0.02)
+        wait_until(lambda: runner.client and runner.client.state == "running")
         first = runner.client
         assert first.state == "running"
         sim.kick(reason="您的帐号在另一地点登录")

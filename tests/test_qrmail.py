@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import scan_and_confirm
+from conftest import LogLines, scan_and_confirm, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -193,33 +193,15 @@ def test_tls_from_the_start(sim, make_client, smtp, cert):
     assert mails[0]["from"] == "webqq@example.com"
 
 
-class Warnings(logging.Handler):
-    """The warnings a logger tells, as text."""
-
-    def __init__(self, logger):
-        logging.Handler.__init__(self, logging.WARNING)
-        self.lines, self.logger = [], logger
-        logger.addHandler(self)
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-    def close(self):
-        self.logger.removeHandler(self)
-        logging.Handler.close(self)
-
-
 def test_untrusted_certificate_is_refused_not_ignored(sim, make_client, smtp):
     client = make_client()
-    warnings = Warnings(client.log)
+    warnings = LogLines(logging.WARNING)
     try:
         plugin = client.load("qrmail", host="127.0.0.1", port=smtp.port, tls="starttls", to="a@example.com",
                              timeout=5)
         client.start()
         assert sim.wait_qr("waiting")
-        deadline = time.time() + 10
-        while time.time() < deadline and not warnings.lines:
-            time.sleep(0.05)
+        wait_until(lambda: warnings.lines)
         assert "mailing QR code #1 failed, attempt 1 of 3" in warnings.lines[0]
         assert "CERTIFICATE_VERIFY_FAILED" in warnings.lines[0]
         assert smtp.mails == [] and plugin.sent == 0

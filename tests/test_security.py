@@ -15,7 +15,6 @@ import http.client
 import logging
 import os
 import stat
-import threading
 import time
 from urllib.parse import quote
 
@@ -23,24 +22,16 @@ import pytest
 import requests
 
 import webqq
-from conftest import Recorder
+from conftest import ROOT, LogLines, Recorder
 from plugins import openqq
 from smartqq_sim import Simulator
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "s3cret-Token_0123456789abcdef"
 WORLD = {"friends": 4, "groups": 2, "members": 5, "discusses": 1, "seed": 9}
 CLIENT = dict(qr_check_interval=0.05, send_interval=0, qrcode_display="none", http_timeout=5, poll_timeout=5)
 OPENQQ = dict(listen=[{"host": "127.0.0.1", "port": 0}], check_event_timeout=0.3, stop_delay=0.3)
 AUTH_FAILURE = {"code": -6, "status": "auth failure"}
 CROSS_SITE = {"code": -6, "status": "cross-site request refused"}
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.time() + timeout
-    while not predicate() and time.time() < deadline:
-        time.sleep(0.02)
-    return predicate()
 
 
 class Env(object):
@@ -355,54 +346,14 @@ def test_a_cookie_file_another_user_planted_is_not_trusted(tmp_path, caplog):
 ###############################################################################
 
 
-class Lines(logging.Handler):
-    """Every record of the webqq logger, formatted as it would be written (tracebacks included)."""
-
-    def __init__(self):
-        logging.Handler.__init__(self, logging.DEBUG)
-        self.setFormatter(webqq.LogFormatter())
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(self.format(record))
-
-
-class Receiver(object):
-    """A post_api and poll_api endpoint on loopback that answers 200."""
-
-    def __init__(self):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-            do_POST = do_GET
-
-            def log_message(self, *args):
-                pass
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, name="test-receiver")
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-
-
-def test_no_token_or_cookie_value_reaches_the_log_at_any_level(tmp_path):
-    lines, receiver = Lines(), Receiver()
+def test_no_token_or_cookie_value_reaches_the_log_at_any_level(tmp_path, make_receiver):
+    receiver, lines = make_receiver(), LogLines(formatter=webqq.LogFormatter())
     log = logging.getLogger("webqq")
     level = log.level
-    log.addHandler(lines)
     secrets = {TOKEN, "post-Secret-42", "post-Token-4242", "poll-Token-4343"}
     e = Env(str(tmp_path), level="debug", access_token=TOKEN, post_secret="post-Secret-42",
-            post_api=receiver.url + "/post?token=post-Token-4242",
-            poll_api=receiver.url + "/poll?access_token=poll-Token-4343", poll_interval=0.2,
+            post_api=receiver.base + "/post?token=post-Token-4242",
+            poll_api=receiver.base + "/poll?access_token=poll-Token-4343", poll_interval=0.2,
             post_event_list="login,stop,state_change,input_qrcode,relogin,new_group_member,lose_group_member")
     log.setLevel(logging.DEBUG)
     try:
@@ -447,8 +398,7 @@ def test_no_token_or_cookie_value_reaches_the_log_at_any_level(tmp_path):
         time.sleep(0.5)
     finally:
         e.close()
-        receiver.close()
-        log.removeHandler(lines)
+        lines.close()
         log.setLevel(level)
     secrets = {s for s in secrets if s and len(str(s)) >= 6}
     assert len(secrets) > 20 and len(lines.lines) > 80

@@ -2,9 +2,7 @@
 import http.client
 import http.cookiejar
 import json
-import os
 import struct
-import sys
 import threading
 import time
 import urllib.error
@@ -14,13 +12,8 @@ import zlib
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _path in (ROOT, os.path.join(ROOT, "scripts")):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from smartqq_sim import QRCode, Simulator, World, rs_remainder  # noqa: E402
-from webqq import bkn, friend_hash, hash33, quoted_args, time33  # noqa: E402
+from smartqq_sim import QRCode, Simulator, World, rs_remainder
+from webqq import bkn, friend_hash, hash33, quoted_args, time33
 
 S_REF = "https://s.web2.qq.com/proxy.html?v=20130916001&callback=1&id=1"
 D_REF = "http://d1.web2.qq.com/proxy.html?v=20151105001&callback=1&id=2"
