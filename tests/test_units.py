@@ -1,5 +1,6 @@
 """Unit tests of webqq.py's sections: hashes, content, models, send status, PNG and QR drawing."""
 import json
+import os
 import struct
 import zlib
 
@@ -267,3 +268,23 @@ def test_draw_qrcode_half_blocks_and_ascii():
     assert webqq.draw_qrcode(matrix, quiet=0) == "\u2584\u2580\n  \n"
     assert webqq.draw_qrcode(matrix, ascii=True, quiet=1) == (
         "@@@@@@@@\n@@  @@@@\n@@@@  @@\n@@    @@\n@@@@@@@@\n")
+
+
+def test_the_readme_lists_every_client_option():
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+              encoding="utf-8") as f:
+        readme = f.read()
+    missing = [name for name in list(webqq.Client.OPTIONS) + list(webqq.MAIN_OPTIONS) if "`%s`" % name not in readme]
+    assert missing == []
+
+
+def test_showmsg_lines_name_where_a_message_went():
+    from plugins.showmsg import describe
+    c, g = make_contacts()
+    friend, member = c.friend(3), g.members[1]
+    sent = webqq.Message(type="friend_message", cls="send", content="hi", sender=c.user, receiver=friend)
+    assert describe(sent) == "[好友消息] 我->bob : hi"
+    sent.finish(-5, "TTL失效")
+    assert describe(sent) == "[好友消息] 我->bob : hi (发送失败: TTL失效)"
+    got = webqq.Message(type="group_message", cls="recv", content="yo", sender=member, group=g)
+    assert describe(got) == "[群消息] dave|grp : yo"
