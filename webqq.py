@@ -1936,6 +1936,8 @@ class Client(EventEmitter):
         else:  # the process's log destination stays; the level is this client's
             log.setLevel(LOG_LEVELS.get(str(opts["log_level"]).lower(), logging.INFO))
         EventEmitter.__init__(self, log)
+        if requests is None:
+            log.warning("requests 未安装，使用 urllib (requests is not installed: webqq uses urllib instead)")
         self.account = str(opts["account"])
         self.tmpdir = opts["tmpdir"] or tempfile.gettempdir()
         if not os.path.isdir(self.tmpdir):
@@ -3536,16 +3538,42 @@ def load_simulator():
     return module
 
 
-def start_demo(options):
-    """Start the simulator in-process with a world to talk to; point options at it."""
-    module = load_simulator()
-    sim = module.Simulator(auto_scan=2.0, poll_hold=20.0)
-    sim.start()
-    options.setdefault("account", "demo")
-    options.update(smartqq_base=sim.url, qr_check_interval=1.0)
-    options.setdefault("send_interval", 1.0)
-    logging.getLogger("webqq").info("demo: the simulated QQ service runs at %s (it scans the QR by itself)", sim.url)
-    return sim
+DEMO_LINES = ("早上好！今天的会议改到下午三点", "有人知道 webqq 的 check_event 怎么用吗？", "看 docs/openqq.md [微笑]",
+              "周末去爬山吗？", "收到，三点见", "这个 bug 修好了吗 [疑问]", "晚上一起吃饭？", "[强] 厉害")
+
+
+class Demo(object):
+    """The demo world: the simulator in-process, scanning the QR by itself, and a few chatty friends."""
+
+    def __init__(self, options):
+        module = load_simulator()
+        self.sim = module.Simulator(auto_scan=2.0, poll_hold=20.0).start()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._chatter, name="webqq-demo-chatter", daemon=True)
+        self._thread.start()
+        options.setdefault("account", "demo")
+        options.update(smartqq_base=self.sim.url, qr_check_interval=1.0)
+        options.setdefault("send_interval", 1.0)
+        log = configure_logging(options.get("log_level", "info"), options.get("log_path"))
+        log.info("demo: 模拟的QQ服务 (the simulated QQ service) runs at %s; it scans the QR code by itself",
+                 self.sim.url)
+
+    def _chatter(self):
+        rng, world = random.Random(), self.sim.world
+        while not self._stop.wait(rng.uniform(6, 12)):
+            line = rng.choice(DEMO_LINES)
+            if rng.random() < 0.5 and world.friends:
+                self.sim.inject_friend_message(rng.choice(world.friends).uin, line)
+            elif world.groups:
+                group = rng.choice(world.groups)
+                members = [m for m in group.members if m.uin != world.user.uin]
+                if members:
+                    self.sim.inject_group_message(group.gid, rng.choice(members).uin, line)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        self.sim.stop()
 
 
 def main(argv=None):
@@ -3570,7 +3598,7 @@ def main(argv=None):
         return 0
     last_error = LastError()
     logging.getLogger("webqq").addHandler(last_error)
-    runner, sim = Runner(settings), None
+    runner, demo = Runner(settings), None
     try:
         import signal
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=runner.stop, name="webqq-signal").start())
@@ -3578,7 +3606,7 @@ def main(argv=None):
         pass
     try:
         if args.demo:
-            sim = start_demo(settings.options)
+            demo = Demo(settings.options)
         status = runner.run()
     except KeyboardInterrupt:
         runner.stop()
@@ -3587,8 +3615,8 @@ def main(argv=None):
         status, last_error.message = 1, str(e)
     finally:
         logging.getLogger("webqq").removeHandler(last_error)
-        if sim is not None:
-            sim.stop()
+        if demo is not None:
+            demo.stop()
     if status:
         report_fatal(last_error.message or "webqq stopped with status %d" % status, settings.main["pause_on_error"])
     return status
