@@ -4,10 +4,12 @@ import json
 import logging
 import os
 import socket
+import struct
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import zlib
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -117,13 +119,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-class LogLines(logging.Handler):
-    """The records of a logger at level or above, formatted (tracebacks included), from now until close()."""
+def png_chunk(kind, data):
+    """One PNG chunk: length, kind, data, CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    def __init__(self, level=logging.DEBUG, formatter=None, logger="webqq"):
+
+class LogLines(logging.Handler):
+    """The webqq logger's records at level or above, formatted (tracebacks included), from now until close()."""
+
+    def __init__(self, level=logging.DEBUG, formatter=None):
         logging.Handler.__init__(self, level)
         self.setFormatter(formatter)
-        self.lines, self.logger = [], logging.getLogger(logger)
+        self.lines, self.logger = [], logging.getLogger("webqq")
         self.logger.addHandler(self)
 
     def emit(self, record):
@@ -142,13 +149,8 @@ class Answer(collections.namedtuple("Answer", "status body content_type delay lo
     __slots__ = ()
 
 
-class Hit(collections.namedtuple("Hit", "method path headers body")):
-    """One request a Receiver got; headers is a dict."""
-    __slots__ = ()
-
-    def report(self):
-        """The body decoded as JSON."""
-        return json.loads(self.body.decode("utf-8"))
+Hit = collections.namedtuple("Hit", "method path headers body report")
+Hit.__doc__ = """One request a Receiver got: headers a dict, report the body decoded as JSON (None without a body)."""
 
 
 class Receiver(object):
@@ -157,8 +159,7 @@ class Receiver(object):
 
     def __init__(self, respond=lambda hit: None):
         self.hits, self.script, self.respond = [], collections.deque(), respond
-        self.cond = threading.Condition()
-        self.connections = []
+        self.cond, self.down = threading.Condition(), threading.Event()
         self.port = 0
         self.start()
         self.base = "http://127.0.0.1:%d" % self.port
@@ -171,14 +172,10 @@ class Receiver(object):
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def setup(self):
-                BaseHTTPRequestHandler.setup(self)
-                with receiver.cond:
-                    receiver.connections.append(self.connection)
-
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                answer = receiver.answer(Hit(self.command, self.path, dict(self.headers), body))
+                report = json.loads(body.decode("utf-8")) if body else None
+                answer = receiver.answer(Hit(self.command, self.path, dict(self.headers), body, report))
                 self.send_response(answer.status)
                 self.send_header("Content-Type", answer.content_type)
                 if answer.location:
@@ -192,15 +189,12 @@ class Receiver(object):
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       name="test-receiver", daemon=True)
-        self.thread.start()
+        self.down.clear()
+        self.server = webqq.TrackedHTTPServer(("127.0.0.1", self.port), Handler).start()
+        self.port = self.server.port
 
     def answer(self, hit):
-        """Record hit; the Answer for it, once its delay has passed."""
+        """Record hit; the Answer for it, once its delay has passed (or the receiver closed)."""
         with self.cond:
             self.hits.append(hit)
             self.cond.notify_all()
@@ -208,13 +202,13 @@ class Receiver(object):
         answer = self.respond(hit) if answer is None else answer
         if not isinstance(answer, Answer):
             answer = Answer(200) if answer is None else Answer(200, json.dumps(answer).encode(), "application/json")
-        time.sleep(answer.delay)
+        self.down.wait(answer.delay)
         return answer
 
     def reports(self, where=None):
         """The JSON bodies received, in order, those matching where if given."""
         with self.cond:
-            found = [hit.report() for hit in self.hits if hit.body]
+            found = [hit.report for hit in self.hits if hit.body]
         return [r for r in found if where is None or where(r)]
 
     def wait(self, where, count=1, timeout=10.0):
@@ -227,16 +221,8 @@ class Receiver(object):
 
     def close(self):
         """Stop listening and cut the open connections: the endpoint is down until start()."""
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-        with self.cond:
-            connections, self.connections = self.connections, []
-        for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self.down.set()
+        self.server.close()
 
 
 @pytest.fixture

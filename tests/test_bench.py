@@ -41,6 +41,11 @@ class Conn(object):
             headers[name.strip().lower()] = value.strip()
         return int(status.split()[1]), headers, self.file.read(int(headers["content-length"]))
 
+    def json(self):
+        """(status, body decoded as JSON) of the next answer."""
+        status, _, body = self.answer()
+        return status, json.loads(body.decode("utf-8"))
+
     def close(self):
         self.file.close()
         self.sock.close()
@@ -78,8 +83,8 @@ def test_long_pollers_wait_without_threads_then_all_get_the_event_and_keep_their
         assert [(e["content"], e["cursor"]) for e in events] == [("to all of you", seq + 1)]
     for conn in conns:                      # the same connections serve the next requests
         conn.send("/openqq/get_user_info")
-        status, _, body = conn.answer()
-        assert status == 200 and json.loads(body.decode("utf-8"))["id"] == running.user.id
+        status, user = conn.json()
+        assert status == 200 and user["id"] == running.user.id
         conn.close()
 
 
@@ -92,8 +97,8 @@ def test_a_request_behind_a_waiting_long_poll_ends_the_wait_and_is_answered_next
     conn.send("/openqq/get_user_info")
     assert conn.answer()[::2] == (200, b"[]")
     assert time.time() - started < 5       # not the 30 s of check_event_timeout
-    status, _, body = conn.answer()
-    assert status == 200 and json.loads(body.decode("utf-8"))["id"] == running.user.id
+    status, user = conn.json()
+    assert status == 200 and user["id"] == running.user.id
     conn.close()
 
 
@@ -102,8 +107,8 @@ def test_a_request_sent_together_with_a_long_poll_is_answered_after_it(sim, runn
     conn = Conn(plugin.urls[0])
     conn.send("/openqq/check_event", "/openqq/get_user_info")
     assert conn.answer()[::2] == (200, b"[]")
-    status, _, body = conn.answer()
-    assert status == 200 and json.loads(body.decode("utf-8"))["id"] == running.user.id
+    status, user = conn.json()
+    assert status == 200 and user["id"] == running.user.id
     conn.close()
 
 
@@ -116,8 +121,8 @@ def test_a_parked_answer_larger_than_the_socket_buffers_arrives_whole(sim, runni
     sim.inject_friend_message(sim.world.friends[0].uin, big)
     assert wait_until(lambda: plugin.hub.seq > 0)
     time.sleep(0.3)                         # the rest is being written by a thread while we don't read
-    status, _, body = conn.answer()
-    assert status == 200 and [e["content"] for e in json.loads(body.decode("utf-8"))] == [big]
+    status, events = conn.json()
+    assert status == 200 and [e["content"] for e in events] == [big]
     conn.send("/openqq/check_event")        # the connection goes on
     assert wait_until(lambda: len(plugin.servers[0].parker) == 1)
     conn.close()
@@ -131,8 +136,7 @@ def test_parked_pollers_count_against_max_connections(sim, running):
     assert wait_until(lambda: len(plugin.servers[0].parker) == 3)
     extra = Conn(plugin.urls[0])
     extra.send("/openqq/get_user_info")
-    status, _, body = extra.answer()
-    assert status == 503 and json.loads(body.decode("utf-8")) == {"code": -9, "status": "too many connections"}
+    assert extra.json() == (503, {"code": -9, "status": "too many connections"})
     for conn in conns + [extra]:
         conn.close()
 

@@ -406,25 +406,17 @@ def test_refusals_are_json_with_a_code(tmp_path, reaper):
         Controller(listen=[{"host": "0.0.0.0", "port": 0}], tmpdir=str(tmp_path))
 
 
-def test_unreachable_client_self_stop_and_poll_api_redirect(tmp_path, reaper):
+def test_unreachable_client_self_stop_and_poll_api_redirect(tmp_path, reaper, make_receiver):
     sim = Simulator(world={"friends": 1, "groups": 0, "discusses": 0, "seed": 5}, poll_hold=1.0)
     sim.start()
-    target = []
-
-    def respond(method, path):     # one redirect into the controller's API, then nothing to do
-        if target and not any(p == "sent" for p in target):
-            target.append("sent")
-            return 302, {"Location": target[0]}
-        return 204, {}
-
-    poll = Endpoint(respond)
+    poll = make_receiver(respond=lambda hit: Answer(204, b""))      # nothing to do ...
     try:
-        ctl = in_process(tmp_path, reaper, restart_delay=30, poll_api=poll.url + "/poll", poll_interval=0.1)
-        target.append(ctl.url + "/openqq/start_client?" + "&".join(
-            "%s=%s" % pair for pair in dict(QUICK, client="p1", smartqq_base=sim.url).items()))
+        ctl = in_process(tmp_path, reaper, restart_delay=30, poll_api=poll.base + "/poll", poll_interval=0.1)
+        poll.script.append(Answer(302, b"", location=ctl.url + "/openqq/start_client?" + "&".join(
+            "%s=%s" % pair for pair in dict(QUICK, client="p1", smartqq_base=sim.url).items())))   # ... but once
         assert wait_until(lambda: entry(ctl.url, "p1"), 10), "the poll_api redirect was not followed"
         p1 = wait_state(ctl.url, "p1", "scaning")
-        assert len([p for p in poll.paths() if p == "/poll"]) >= 2
+        assert len([hit for hit in poll.hits if hit.path == "/poll"]) >= 2
 
         # a client process that is gone: the proxy says so in JSON, check_client says "stop"
         os.kill(p1["pid"], KILL)
@@ -443,7 +435,6 @@ def test_unreachable_client_self_stop_and_poll_api_redirect(tmp_path, reaper):
         assert wait_until(lambda: answer(ctl.url, "/openqq/check_client") == {"code": 0, "client": []}, 10)
         assert gone(p2["pid"])
     finally:
-        poll.stop()
         sim.stop()
 
 

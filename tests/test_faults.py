@@ -23,13 +23,12 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 
 import webqq
-from conftest import Recorder
+from conftest import LogLines, Recorder, wait_until
 from smartqq_sim import Simulator
 
 WORLD = {"friends": 4, "groups": 2, "members": 5, "discusses": 1, "seed": 7}
@@ -416,15 +415,6 @@ class Harness(object):
         return ""
 
 
-def wait_until(predicate, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
-
-
 def drive(h):
     """Run h's scenario to its end; AssertionError when the client did not behave."""
     sc, client, sim = h.scenario, h.client, h.sim
@@ -610,70 +600,16 @@ OUTAGE_WORLD = {"friends": 4, "groups": 3, "members": 5, "discusses": 1, "seed":
 DROPPED = re.compile(r"^post_api queue full \(\d+\): dropped report receive_message (\d+)$")
 
 
-class Receiver(object):
-    """A post_api on a port of its own that goes down (connections refused) and comes back."""
-
-    def __init__(self):
-        self.reports = []
-        self.lock = threading.Lock()
-        self.port = 0
-        self.up()
-
-    @property
-    def url(self):
-        return "http://127.0.0.1:%d/post" % self.port
-
-    def up(self):
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with receiver.lock:
-                    receiver.reports.append(json.loads(body.decode("utf-8")))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
-                                       name="test-post-api")
-        self.thread.start()
-
-    def down(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-
-    def messages(self):
-        """(conversation, number, id) of each message report, in arrival order."""
-        with self.lock:
-            found = [r for r in self.reports if str(r.get("content", "")).startswith("outage ")]
-        return [tuple(r["content"].split()[1:3]) + (r["id"],) for r in found]
-
-
-class Warnings(logging.Handler):
-    """The webqq logger's warnings, as text."""
-
-    def __init__(self):
-        logging.Handler.__init__(self, logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
+def outage_messages(receiver):
+    """(conversation, number, id) of each message report, in arrival order."""
+    found = receiver.reports(lambda r: str(r.get("content", "")).startswith("outage "))
+    return [tuple(r["content"].split()[1:3]) + (r["id"],) for r in found]
 
 
 @pytest.fixture
-def outage(tmp_path):
-    """(sim, client, receiver, warnings) for a post_api outage; make(**openqq options) starts them."""
-    receiver, warnings, parts = Receiver(), Warnings(), {}
-    log = logging.getLogger("webqq")
-    log.addHandler(warnings)
+def outage(tmp_path, make_receiver):
+    """(make, receiver, warnings) for a post_api outage; make(**openqq options) starts (sim, client)."""
+    receiver, warnings, parts = make_receiver(), LogLines(logging.WARNING), {}
 
     def make(**options):
         sim = parts["sim"] = Simulator(world=OUTAGE_WORLD, poll_hold=POLL_HOLD, auto_scan=0.1).start()
@@ -683,15 +619,14 @@ def outage(tmp_path):
                     post_retries=6, post_retry_backoff=OUTAGE / 25, **dict(OPENQQ, **options))
         client.start()
         assert client.wait_for_state("running", timeout=20)
-        assert wait_until(lambda: any(r.get("event") == "login" for r in receiver.reports), 10)
+        receiver.wait(lambda r: r.get("event") == "login")
         return sim, client
 
     yield make, receiver, warnings
-    log.removeHandler(warnings)
+    warnings.close()
     if "client" in parts:
         parts["client"].stop()
         parts["sim"].stop()
-    receiver.down()
 
 
 def pour(sim, client):
@@ -732,16 +667,16 @@ def test_post_api_outage_delivers_every_report_once_in_order(outage):
     make, receiver, warnings = outage
     sim, client = make(post_queue_size=MESSAGES + 100)
     plugin = client.plugin("openqq")
-    receiver.down()
+    receiver.close()
     back = time.time() + OUTAGE
     counts = pour(sim, client)
     assert time.time() < back, "the messages took longer to arrive than the outage lasts"
     time.sleep(back - time.time())
     assert plugin.reporter.counters()["sent"] < MESSAGES
-    receiver.up()
-    assert wait_until(lambda: len(receiver.messages()) >= MESSAGES and plugin.reporter.counters()["queued"] == 0,
-                      60 + OUTAGE)
-    messages = receiver.messages()
+    receiver.start()
+    assert wait_until(lambda: len(outage_messages(receiver)) >= MESSAGES
+                      and plugin.reporter.counters()["queued"] == 0, 60 + OUTAGE)
+    messages = outage_messages(receiver)
     assert len(messages) == MESSAGES and len({m[2] for m in messages}) == MESSAGES      # each exactly once
     assert collections.Counter(m[0] for m in messages) == counts
     assert in_order(messages)
@@ -759,17 +694,17 @@ def test_post_api_outage_beyond_the_queue_bound_counts_and_names_each_drop(outag
     make, receiver, warnings = outage
     sim, client = make(post_queue_size=100)
     plugin = client.plugin("openqq")
-    receiver.down()
+    receiver.close()
     back = time.time() + OUTAGE
     pour(sim, client)
     time.sleep(max(0.0, back - time.time()))
-    receiver.up()
+    receiver.start()
 
     def named():
         return [int(DROPPED.match(line).group(1)) for line in warnings.lines if DROPPED.match(line)]
-    assert wait_until(lambda: len(receiver.messages()) + len(named()) >= MESSAGES, 60 + OUTAGE)
+    assert wait_until(lambda: len(outage_messages(receiver)) + len(named()) >= MESSAGES, 60 + OUTAGE)
     time.sleep(0.5)
-    messages, named = receiver.messages(), named()
+    messages, named = outage_messages(receiver), named()
     arrived = {m[2] for m in messages}
     counters = plugin.reporter.counters()
     print("\npost_api outage of %g s, queue of 100: %d arrived, %d dropped and named; counters %s" % (

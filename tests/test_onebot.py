@@ -357,7 +357,7 @@ def test_messages_and_member_changes_are_reported_and_queued(bridge):
 
 def test_quick_reply_and_shutup(bridge):
     def answer(hit):
-        report = hit.report()
+        report = hit.report
         if report.get("class") != "recv":
             return None
         if report["type"] == "group_message":

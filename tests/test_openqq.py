@@ -740,7 +740,8 @@ def test_post_api_reply_and_shutup(env):
     sim, client, receiver = env.sim, env.client, env.receiver
     world = sim.world
     friend = world.friends[5]
-    receiver.script.append(Answer(200, json.dumps({"reply": "你好", "code": 0}).encode(), "application/json; charset=utf-8"))
+    receiver.script.append(Answer(200, json.dumps({"reply": "你好", "code": 0}).encode(),
+                                  "application/json; charset=utf-8"))
     sim.inject_friend_message(friend.uin, "reply to me")
     assert wait_until(lambda: any(s["text"] == "你好" and s["r"]["to"] == friend.uin for s in sim.sent))
     reply = receiver.wait(lambda r: r.get("content") == "你好" and r["post_type"] == "send_message")
@@ -756,9 +757,9 @@ def test_post_api_reply_and_shutup(env):
 
     # a non-JSON answer, invalid JSON, an array, or an empty reply: nothing happens
     before = len(sim.sent)
-    receiver.script.extend([Answer(200, b'{"reply":"no"}'), Answer(200, b"{oops", "application/json"),
-                            Answer(200, b'["no"]', "application/json"), Answer(200, b'{"reply":""}', "application/json"),
-                            Answer(500, b'{"reply":"no"}', "application/json")])
+    receiver.script.append(Answer(200, b'{"reply":"no"}'))
+    receiver.script.extend(Answer(status, body, "application/json") for status, body in (
+        (200, b"{oops"), (200, b'["no"]'), (200, b'{"reply":""}'), (500, b'{"reply":"no"}')))
     for n in range(5):
         sim.inject_friend_message(friend.uin, "ignored %d" % n)
         receiver.wait(lambda r, n=n: r.get("content") == "ignored %d" % n)

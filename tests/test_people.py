@@ -13,7 +13,7 @@ import zlib
 import pytest
 
 import webqq
-from conftest import ROOT, LogLines, log_in, scan_and_confirm, wait_until
+from conftest import ROOT, LogLines, log_in, png_chunk, scan_and_confirm, wait_until
 
 # The QR code of "webqq" (version 1, level M), row by row: '#' is a dark module.
 WEBQQ_QR = [
@@ -91,12 +91,10 @@ def qr_png(rows, scale=3, quiet=2, palette=False):
         raw += bytes([kind]) + out
         prev = pixels
 
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     header = struct.pack(">IIBBBBB", size, size, 1 if palette else 8, 3 if palette else 0, 0, 0, 0)
-    plte = chunk(b"PLTE", b"\x00\x00\x00\xff\xff\xff") if palette else b""
-    return (webqq.PNG_SIGNATURE + chunk(b"IHDR", header) + plte + chunk(b"IDAT", zlib.compress(raw))
-            + chunk(b"IEND", b""))
+    plte = png_chunk(b"PLTE", b"\x00\x00\x00\xff\xff\xff") if palette else b""
+    return (webqq.PNG_SIGNATURE + png_chunk(b"IHDR", header) + plte + png_chunk(b"IDAT", zlib.compress(raw))
+            + png_chunk(b"IEND", b""))
 
 
 def utf8_stream():

@@ -1,5 +1,4 @@
 """Unit tests of webqq.py's sections: hashes, content, models, send status, PNG and QR drawing."""
-import json
 import os
 import struct
 import zlib
@@ -7,6 +6,7 @@ import zlib
 import pytest
 
 import webqq
+from conftest import png_chunk
 
 PTWEBQQ = "551a0ec0f70f347e2ffc7931bcf7a13e4c774a2cb9f9085b8ac65a9505e412c9"
 
@@ -226,10 +226,8 @@ def test_emitter_survives_a_failing_handler():
 def png(width, height, pixels, color=0):
     """A grey (or RGB) 8-bit PNG, filter 0 on each row."""
     raw = b"".join(b"\x00" + bytes(row) for row in pixels)
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (webqq.PNG_SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return (webqq.PNG_SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color, 0, 0, 0))
+            + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b""))
 
 
 def finder_matrix(size=21):
