@@ -2301,7 +2301,7 @@ class Client(EventEmitter):
         try:
             events = self.contacts.set_user(self.upstream.fetch_user(), diff=diff)
         except (ApiError, TransportError) as e:
-            self.log.warning("更新个人信息失败: %s", e)
+            self._update_failed("个人信息", e)
             return False
         for name, args in events:
             self.emit(name, *args)
@@ -2317,7 +2317,7 @@ class Client(EventEmitter):
             try:
                 events = store(fetch(), diff=diff)
             except (ApiError, TransportError) as e:
-                self.log.warning("更新%s信息失败 (refresh failed): %s", kind, e)
+                self._update_failed("%s信息" % kind, e)
                 self.emit("model_update", kind, 0)
                 return False
             self._refreshed[kind] = time.time()  # after a failure, the next unknown sender retries
@@ -2327,6 +2327,10 @@ class Client(EventEmitter):
             self.emit(name, *args)
         self.emit("model_update", kind, 1)
         return True
+
+    def _update_failed(self, what, error):
+        """Log a failed contact update: a warning, or only a debug line once the client is stopping."""
+        (self.log.debug if self.stopping else self.log.warning)("更新%s失败 (update failed): %s", what, error)
 
     def _refresh_stale(self, kind, seconds=30):
         """_refresh(kind) unless that was done in the last seconds."""
@@ -2339,7 +2343,7 @@ class Client(EventEmitter):
             try:
                 fields, members = self.upstream.fetch_group_detail(group)
             except (ApiError, TransportError) as e:
-                self.log.warning("更新群[%s]成员失败: %s", group.name, e)
+                self._update_failed("群[%s]成员" % group.name, e)
                 return False
             events = self.contacts.set_group_members(group, fields, members)
         for name, args in events:
