@@ -454,8 +454,8 @@ class ProxyRequest(Request):
 class Handler(openqq.Handler):
     """openqq's connection handler, keeping what the proxy passes on."""
 
-    def read_body(self):
-        self.raw_body = openqq.Handler.read_body(self)
+    def read_body(self, headers):
+        self.raw_body = openqq.Handler.read_body(self, headers)
         return self.raw_body
 
     def read_request(self):

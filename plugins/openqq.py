@@ -33,6 +33,7 @@ import re
 import selectors
 import socket
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -1081,6 +1082,23 @@ def send_gathered(sock, head, body):
         sock.sendall(memoryview(body)[sent - len(head):])
 
 
+def kernel_timeouts(sock, seconds):
+    """Make sock blocking, each receive and send bounded by seconds in the kernel (POSIX); False where
+    that is not possible. A socket with a Python timeout polls before every call, and each wait gives
+    up the GIL: under many connections, each taking it back costs more than the call itself."""
+    if not hasattr(socket, "SO_RCVTIMEO") or not hasattr(sock, "sendmsg"):    # not on Windows
+        return False
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        sock.settimeout(None)
+    except (OSError, struct.error):
+        return False
+    return True
+
+
 class Handler(BaseHTTPRequestHandler):
     """One connection: reads requests, hands them to the Api, writes the answers; keep-alive."""
 
@@ -1096,6 +1114,8 @@ class Handler(BaseHTTPRequestHandler):
             self.request = self.server.tls.wrap_socket(self.request, server_side=True)
             self.server.track(self.request)
         BaseHTTPRequestHandler.setup(self)
+        blocking = self.server.tls is None and kernel_timeouts(self.connection, self.timeout)
+        self.socket_timeout = None if blocking else self.timeout     # the mode buffered() restores
 
     def finish(self):
         self.server.awaiting(self.connection, None)
@@ -1147,7 +1167,7 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             return False
         finally:
-            self.connection.settimeout(self.timeout)
+            self.connection.settimeout(self.socket_timeout)
 
     def park(self, req, ready, timeout):
         """Leave req to the server's Parker: this thread ends and the connection waits without one."""
@@ -1164,27 +1184,40 @@ class Handler(BaseHTTPRequestHandler):
             target = target.split("/", 3)[3] if target.count("/") >= 3 else ""
             target = "/" + target
         path, _, query = target.partition("?")
+        headers = self.header_dict()
         try:
-            body = self.read_body()
+            body = self.read_body(headers)
         finally:
             self.server.awaiting(self.connection, None)
-        params = parse_params(query.partition("#")[0].encode("latin-1"),
-                              self.headers.get("Content-Type"), body)
-        headers = {k.lower(): v for k, v in self.headers.items()}
+        params = parse_params(query.partition("#")[0].encode("latin-1"), headers.get("content-type"), body)
         scheme = "https" if self.server.tls is not None else "http"
         connection = self.connection
         req = Request(self.command, path, params, headers, scheme, lambda: peer_alive(connection))
         req.parkable = self.server.parker is not None
         return req
 
-    def read_body(self):
+    FRAMING = ("content-length", "transfer-encoding")
+
+    def header_dict(self):
+        """The request's headers by lowercase name (the last of repeated ones); two different
+        Content-Length or Transfer-Encoding values are refused: proxies may each believe another."""
+        headers = {}
+        for name, value in self.headers.items():
+            key = name.lower()
+            if key in self.FRAMING and headers.get(key, value) != value:
+                raise bad_request("conflicting %s headers" % name)
+            headers[key] = value
+        return headers
+
+    def read_body(self, headers):
+        """The body after headers (header_dict()), as Content-Length or chunked framing says."""
         limit = self.server.max_body_size
-        coding = self.headers.get("Transfer-Encoding", "").strip().lower()
+        coding = headers.get("transfer-encoding", "").strip().lower()
         if coding and coding != "identity":
             if coding != "chunked":
                 raise bad_request("unsupported Transfer-Encoding", 400)
             return self.read_chunked(limit)
-        length = self.headers.get("Content-Length")
+        length = headers.get("content-length")
         if length is None:
             return b""
         size = to_int(length)
@@ -1192,7 +1225,7 @@ class Handler(BaseHTTPRequestHandler):
             raise bad_request("invalid Content-Length")
         if size > limit:
             raise bad_request("request body over %d bytes" % limit, 413)
-        body = self.rfile.read(size)
+        body = self.rfile.read(size) or b""     # None: the kernel timeout ended the wait
         if len(body) < size:
             raise bad_request("request body shorter than its Content-Length")
         return body
@@ -1212,7 +1245,7 @@ class Handler(BaseHTTPRequestHandler):
             total += size
             if total > limit:
                 raise bad_request("request body over %d bytes" % limit, 413)
-            chunks.append(self.rfile.read(size))
+            chunks.append(self.rfile.read(size) or b"")
             self.rfile.readline(3)
         while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
             pass

@@ -379,6 +379,12 @@ def test_malformed_requests_get_json_errors(env):
     chunked = raw_request(env.url, "POST /openqq/search_friend HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: chunked\r\n"
                           "Content-Type: application/x-www-form-urlencoded\r\n\r\n4\r\nid=1\r\n0\r\n\r\n" % host)
     assert chunked.startswith(b"HTTP/1.1 200 ") and b'"object not found"' in chunked
+    form = "POST /openqq/search_friend HTTP/1.1\r\nHost: %s\r\nContent-Type: application/x-www-form-urlencoded\r\n" % host
+    twice = raw_request(env.url, form + "Content-Length: 4\r\nContent-Length: 4\r\n\r\nid=1")
+    assert twice.startswith(b"HTTP/1.1 200 ") and b'"object not found"' in twice
+    smuggled = raw_request(env.url, form + "Content-Length: 4\r\nContent-Length: 40\r\n\r\nid=1")
+    assert smuggled.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in smuggled
+    assert smuggled.endswith(b'{"code":-9,"status":"conflicting Content-Length headers"}')
 
 
 def test_size_time_and_connection_limits(env):
