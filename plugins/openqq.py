@@ -1358,9 +1358,10 @@ class Server(TrackedHTTPServer):
     def shutdown_request(self, request):
         with self.connections_lock:
             entry = self.parking.pop(request, None)
-        if entry is not None:
-            self.parker.park(entry)
-        else:
+            if entry is not None:       # counted as parked from now on, no longer as this thread's
+                self.connections.pop(threading.current_thread(), None)
+                self.parker.park(entry)
+        if entry is None:
             TrackedHTTPServer.shutdown_request(self, request)
 
     def resume(self, request, client_address, rest=b"", undelivered=None):
