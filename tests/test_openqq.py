@@ -388,7 +388,7 @@ def test_malformed_requests_get_json_errors(env):
 
 
 def test_size_time_and_connection_limits(env):
-    plugin = load_openqq(env.client, max_body_size=100, request_timeout=0.5, max_connections=2)
+    plugin = load_openqq(env.client, max_body_size=100, request_timeout=0.5)
     url, port = plugin.urls[0], plugin.servers[0].port
     big = post(url, "search_friend", data={"name": "x" * 200})
     assert big.status_code == 413 and big.json() == {"code": -9, "status": "request body over 100 bytes"}
@@ -397,6 +397,9 @@ def test_size_time_and_connection_limits(env):
     started = time.time()
     assert silent.recv(100) == b"" and time.time() - started < 2      # closed after request_timeout
     silent.close()
+    plugin.stop()
+    plugin = load_openqq(env.client, max_connections=2)     # held connections stay for request_timeout (60 s)
+    url, port = plugin.urls[0], plugin.servers[0].port
     held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
     time.sleep(0.1)
     third = raw_request(url, "GET /openqq/get_user_info HTTP/1.1\r\nHost: x\r\n\r\n")
