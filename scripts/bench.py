@@ -37,6 +37,7 @@ status is 0 whatever the numbers are. RSS and thread counts come from /proc (Lin
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import selectors
@@ -77,7 +78,7 @@ def percentile(values, p):
     values = sorted(values)
     if not values:
         return None
-    return values[min(len(values) - 1, max(0, int(round(p * len(values) + 0.5)) - 1))]
+    return values[max(0, math.ceil(p * len(values)) - 1)]
 
 
 def median(values):
@@ -328,7 +329,7 @@ class WebqqPart(object):
 
     def do_parked(self):
         """How many long-polls wait in the servers' parkers (without a thread of their own)."""
-        return sum(len(server.parker) for server in self.plugin.servers if getattr(server, "parker", None))
+        return sum(len(server.parker) for server in self.plugin.servers if server.parker is not None)
 
     def stop(self):
         self.client.stop()
@@ -407,11 +408,11 @@ class ReceiverPart(object):
     """A post_api receiver, and a check_event reader noting when each message is answered."""
 
     def __init__(self):
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), ReceiverHandler)
-        self.server.daemon_threads = True
+        sys.path.insert(0, ROOT)
+        from webqq import TrackedHTTPServer
+        self.server = TrackedHTTPServer(("127.0.0.1", 0), ReceiverHandler)
         self.server.arrivals = {}
-        self.thread = threading.Thread(target=self.server.serve_forever, name="bench-receiver")
-        self.thread.start()
+        self.server.start()
         self.checked = {}
         self.reader = self.conn = None
         self.reading = threading.Event()
@@ -457,9 +458,7 @@ class ReceiverPart(object):
 
     def stop(self):
         self.do_stop_reading()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
+        self.server.close()
 
 
 ###############################################################################
@@ -470,23 +469,23 @@ class ReceiverPart(object):
 class Connection(object):
     """One keep-alive connection of the load generator and the answer it is reading."""
 
-    __slots__ = ("sock", "head", "left", "status", "sent", "body")
+    __slots__ = ("sock", "head", "left", "status", "length", "sent")
 
     def __init__(self, sock):
         self.sock = sock
-        self.head, self.left, self.status, self.sent, self.body = b"", None, None, 0.0, None
+        self.head, self.left, self.status, self.length, self.sent = b"", None, None, None, 0.0
 
 
 class Load(object):
     """Keep-alive HTTP/1.1 clients on one selector loop, each with one request in flight."""
 
     HEAD_MAX = 8192
+    STALL = 120.0       # seconds without any answer after which the answers in flight count as errors
 
-    def __init__(self, url, path, clients, keep_body=False):
+    def __init__(self, url, path, clients):
         parts = urlsplit(url)
         self.address = (parts.hostname, parts.port)
         self.request = ("GET %s HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (path, parts.hostname, parts.port)).encode()
-        self.keep_body = keep_body
         self.buffer = bytearray(1 << 20)
         self.view = memoryview(self.buffer)
         self.selector = selectors.DefaultSelector()
@@ -502,7 +501,7 @@ class Load(object):
         return conn
 
     def send(self, conn):
-        conn.head, conn.left, conn.status, conn.body = b"", None, None, [] if self.keep_body else None
+        conn.head, conn.left, conn.status, conn.length = b"", None, None, None
         conn.sent = time.perf_counter()
         if conn.sock.send(self.request) != len(self.request):    # a small request into an empty buffer
             raise OSError("request cut short")
@@ -514,8 +513,6 @@ class Load(object):
             raise OSError("connection closed by the server")
         if conn.left is not None:
             conn.left -= n
-            if self.keep_body:
-                conn.body.append(bytes(self.view[:n]))
             return conn.left <= 0
         take = min(n, self.HEAD_MAX)        # the head is in there; the rest of a big read is body
         conn.head += bytes(self.view[:take])
@@ -526,14 +523,12 @@ class Load(object):
             return False
         lines = conn.head[:end].split(b"\r\n")
         conn.status = int(lines[0].split()[1])
-        length = next((int(line.split(b":", 1)[1]) for line in lines[1:]
-                       if line.lower().startswith(b"content-length:")), 0)
-        if self.keep_body:
-            conn.body.append(conn.head[end + 4:] + bytes(self.view[take:n]))
-        conn.left = length - (len(conn.head) - end - 4) - (n - take)
+        conn.length = next((int(line.split(b":", 1)[1]) for line in lines[1:]
+                            if line.lower().startswith(b"content-length:")), 0)
+        conn.left = conn.length - (len(conn.head) - end - 4) - (n - take)
         return conn.left <= 0
 
-    def run(self, seconds=None, count=None, timeout=120.0):
+    def run(self, seconds=None, count=None):
         """Drive every connection for seconds, or until count answers; adds to the figures of summary().
 
         Answers still in flight at the end are awaited but not counted.
@@ -552,7 +547,7 @@ class Load(object):
         while busy:
             events = self.selector.select(1.0)
             now = time.perf_counter()
-            if not events and now - last_event > timeout:
+            if not events and now - last_event > self.STALL:
                 self.errors += busy
                 break
             for key, _ in events:
@@ -627,7 +622,7 @@ class LoadPart(object):
 
     def do_open_pollers(self, url, path, count):
         """Open count connections and send path on each; a thread reads their answers as they come."""
-        self.poll = Load(url, path, count, keep_body=True)
+        self.poll = Load(url, path, count)
         self.poll_done = threading.Event()
         for conn in self.poll.conns:
             self.poll.send(conn)
@@ -645,7 +640,7 @@ class LoadPart(object):
                         busy -= 1
                         continue
                     if complete:
-                        answers.append((time.time(), conn.status, len(b"".join(conn.body))))
+                        answers.append((time.time(), conn.status, conn.length))
                         load.selector.unregister(conn.sock)
                         busy -= 1
             self.poll_result = {"answers": answers, "errors": load.errors, "unanswered": busy}

@@ -36,6 +36,8 @@ import time
 from urllib.parse import urlencode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from bench import percentile, proc_status  # noqa: E402
 
 # The webqq side: a user script, as the README has it.
 CHILD = """
@@ -92,18 +94,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-def proc_status(pid):
+def rss_threads(pid):
     """(RSS in kB, threads) of a process, from /proc."""
-    with open("/proc/%d/status" % pid) as f:
-        text = f.read()
-    return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)), int(re.search(r"Threads:\s+(\d+)", text).group(1))
+    status = proc_status(pid)
+    return status["rss"], status["threads"]
 
 
-def percentile(values, p):
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100.0))]
+def ms(values, p):
+    """The p-th quantile (0..1) of values in seconds, in milliseconds; 0 for no values."""
+    return (percentile(values, p) or 0.0) * 1000
 
 
 def wait_for(predicate, timeout, what):
@@ -289,7 +288,7 @@ def main(argv=None):
         api = Conn(api_port, 10)
         wait_for(lambda: api.json("GET", "/openqq/get_client_info")[1].get("state") == "running", 60, "the login")
         time.sleep(5)                                   # the background loading of members settles
-        rss0, threads0 = proc_status(webqq.pid)
+        rss0, threads0 = rss_threads(webqq.pid)
         load = Load(api_port, sim_port, world, args)
         print("soak: %d API clients, %d check_event pollers (%d by cursor), %g messages/s for %g min; "
               "webqq pid %d: RSS %d kB, %d threads" % (args.api_clients, args.pollers, args.cursor_pollers,
@@ -300,20 +299,20 @@ def main(argv=None):
         while time.time() < end:
             time.sleep(min(args.report, max(0.0, end - time.time())))
             now, window = time.time(), load.window()
-            rss, threads = proc_status(webqq.pid)
+            rss, threads = rss_threads(webqq.pid)
             calls = load.count["calls"] + load.count["long polls"]
             calls_now = window["reads"] + window["sends"]
             print("%5.0f s  served %8d (%4.0f/s)  errors %4d  p50 %6.1f ms  p99 %7.1f ms  sync send p99 %7.1f ms  "
                   "injected %6d  RSS %6d kB  threads %4d" % (
                       now - started, calls, (calls - last[1]) / (now - last[0]), sum(load.errors.values()),
-                      percentile(calls_now, 50) * 1000, percentile(calls_now, 99) * 1000,
-                      percentile(window["sync sends"], 99) * 1000, load.injected, rss, threads), flush=True)
+                      ms(calls_now, 0.5), ms(calls_now, 0.99),
+                      ms(window["sync sends"], 0.99), load.injected, rss, threads), flush=True)
             last = (now, calls)
-        rss1, threads1 = proc_status(webqq.pid)
+        rss1, threads1 = rss_threads(webqq.pid)
         load.finish()
         elapsed = time.time() - started
         time.sleep(5)
-        rss2, threads2 = proc_status(webqq.pid)
+        rss2, threads2 = rss_threads(webqq.pid)
         info = api.json("GET", "/openqq/get_client_info")[1]
         sent = sim.json("GET", "/sim/sent")[1]
         delivered = collections.Counter(s["text"] for s in sent if s["delivered"])
@@ -327,8 +326,8 @@ def main(argv=None):
         print("  errors            %d %s" % (sum(load.errors.values()), dict(load.errors.most_common(5))))
         print("  latency           p50 %.1f ms, p99 %.1f ms, max %.1f ms (reads and async sends); "
               "sync sends p50 %.1f ms, p99 %.1f ms (they wait for their turn in the send queue)" % (
-                  percentile(calls, 50) * 1000, percentile(calls, 99) * 1000, max(calls or [0]) * 1000,
-                  percentile(latencies["sync sends"], 50) * 1000, percentile(latencies["sync sends"], 99) * 1000))
+                  ms(calls, 0.5), ms(calls, 0.99), max(calls or [0]) * 1000,
+                  ms(latencies["sync sends"], 0.5), ms(latencies["sync sends"], 0.99)))
         print("  messages          %d injected, %d taken through check_event (%d of them twice), "
               "%d pushed out of its queue unread" % (load.injected, len(load.taken),
                                                      sum(1 for c in load.taken.values() if c > 1),
