@@ -195,6 +195,13 @@ def to_int(value, default=None):
         return default
 
 
+def to_bool(value):
+    """An option's truth: booleans, numbers, and the usual words of an INI file."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "0", "false", "no", "off", "none")
+    return bool(value)
+
+
 def cut_utf8(text, limit):
     """text cut to at most limit UTF-8 bytes on a character boundary."""
     if text is None or limit is None or limit <= 0:
@@ -571,6 +578,8 @@ class TrackedHTTPServer(ThreadingHTTPServer):
     name = "http"
 
     def __init__(self, address, handler):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         self.connections = {}  # thread -> the socket it serves
         self.connections_lock = threading.Lock()
         ThreadingHTTPServer.__init__(self, address, handler)
@@ -1243,6 +1252,12 @@ class Upstream(object):
         """Break every request in progress and save what must survive a restart."""
 
 
+def final_status(msg, code, info):
+    """(code, info) of a send that trying again cannot change: msg has no attempts left."""
+    msg.ttl = 0
+    return code, info
+
+
 def send_status(body):
     """(code, info) of a send answer, with the original's codes (Mojo parse_send_status_msg)."""
     if not isinstance(body, dict):
@@ -1393,7 +1408,7 @@ class SmartQQ(Upstream):
                 raise ApiError(-1, "ptqrshow answered HTTP %s without a PNG and its qrsig" % res.status)
             shown = time.time()
             client.show_qrcode(res.body)
-            token = hash33(self.http.cookie("qrsig") or "")
+            token = hash33(self.http.cookie("qrsig"))
             while True:
                 url = ("https://ssl.ptlogin2.qq.com/ptqrlogin?u1=http%%3A%%2F%%2Fw.qq.com%%2Fproxy.html"
                        "&ptqrtoken=%d&ptredirect=0&h=1&t=1&g=1&from_ui=1&ptlang=2052&action=0-0-%d"
@@ -1738,8 +1753,7 @@ class SmartQQ(Upstream):
             return send_status(res.json())
         except TransportError as e:
             if e.timed_out:  # the server took the message and went silent: sending it again may duplicate it
-                msg.ttl = 0
-                return -1, "发送超时，消息可能已发出 (no answer in time; it may have been sent)"
+                return final_status(msg, -1, "发送超时，消息可能已发出 (no answer in time; it may have been sent)")
             return -1, "数据格式错误"
         except ValueError:
             return -1, "数据格式错误"
@@ -1812,9 +1826,6 @@ class LogFormatter(logging.Formatter):
 class StderrHandler(logging.StreamHandler):
     """A StreamHandler writing to whatever sys.stderr is at the time (it may be replaced later)."""
 
-    def __init__(self):
-        logging.StreamHandler.__init__(self)
-
     @property
     def stream(self):
         return sys.stderr
@@ -1853,6 +1864,15 @@ def next_clock_time(now, hour, minute):
     """The first datetime after now at hour:minute."""
     due = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
     return due if due > now else due + datetime.timedelta(days=1)
+
+
+def read_pid(path):
+    """The process id written in the file at path; 0 when there is none."""
+    try:
+        with open(path) as f:
+            return to_int(f.read(), 0)
+    except OSError:
+        return 0
 
 
 def pid_alive(pid):
@@ -2161,13 +2181,7 @@ class Client(EventEmitter):
 
     def _controller_alive(self):
         path = self.options["controller_pid_path"]
-        if not path:
-            return pid_alive(to_int(self.options["controller_pid"], 0))
-        try:
-            with open(path) as f:
-                return pid_alive(to_int(f.read(), 0))
-        except OSError:
-            return False
+        return pid_alive(read_pid(path) if path else to_int(self.options["controller_pid"], 0))
 
     def _watch_controller(self):
         # A controller that restarts rewrites its pid file; its children wait for it that long.
@@ -2184,11 +2198,7 @@ class Client(EventEmitter):
     # -- files ----------------------------------------------------------------
 
     def _claim_pid_file(self):
-        try:
-            with open(self.pid_path) as f:
-                other = to_int(f.read().strip())
-        except OSError:
-            other = None
+        other = read_pid(self.pid_path)
         if other and other != self.pid and pid_alive(other):
             self.log.error("检测到该账号有其他运行中的客户端(pid:%s), 请先将其关闭 "
                            "(another client of account %s is running)", other, self.account)
@@ -2796,7 +2806,7 @@ def can_encode(stream, text):
 # Encodings (and Windows code pages) of East Asian consoles, whose fonts draw block characters
 # two columns wide: there the QR is drawn with "@@" pairs.
 CJK_ENCODINGS = frozenset(("gbk", "gb2312", "gb18030", "big5", "big5hkscs", "shift_jis", "euc_jp", "euc_kr",
-                           "cp932", "cp936", "cp949", "cp950", "johab"))
+                           "cp932", "cp949", "cp950", "johab"))
 CJK_CODEPAGES = frozenset((932, 936, 949, 950, 54936))
 
 

@@ -40,7 +40,7 @@ from urllib.parse import parse_qsl, unquote_plus, urlencode, urljoin, urlsplit, 
 
 import webqq
 from webqq import (ENV_PREFIX, Client, TransportError, atomic_write, configure_logging, json_dumps,
-                   parse_listen, pid_alive, read_config, remove_file, to_int)
+                   parse_listen, pid_alive, read_config, read_pid, remove_file)
 from plugins import openqq
 from plugins.openqq import ApiError, Request, Response, bad_request, outgoing, parse_params
 
@@ -589,11 +589,7 @@ class Controller(object):
         self.log.info("controller stopped")
 
     def claim_pid_file(self):
-        try:
-            with open(self.pid_path) as f:
-                other = to_int(f.read(), 0)
-        except OSError:
-            other = 0
+        other = read_pid(self.pid_path)
         if other and other != os.getpid() and pid_alive(other):
             raise RuntimeError("another controller (pid %d) uses %s" % (other, self.pid_path))
         atomic_write(self.pid_path, str(os.getpid()), 0o644)

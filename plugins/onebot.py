@@ -27,7 +27,6 @@ import functools
 import hashlib
 import hmac
 import json
-import socket
 import sys
 import threading
 import time
@@ -35,7 +34,7 @@ from http.server import BaseHTTPRequestHandler
 
 from webqq import (FACES, ApiError, Friend, Group, GroupMember, Http, LoginFailed, NeedRelogin, Stopped,
                    TrackedHTTPServer, TransportError, Upstream, User, __version__, encode_content, is_loopback,
-                   json_dumps, parse_listen, to_int)
+                   final_status, json_dumps, parse_listen, to_bool, to_int)
 
 ###############################################################################
 # 1. Constants
@@ -376,8 +375,6 @@ class EventReceiver(TrackedHTTPServer):
     request_timeout = 60
 
     def __init__(self, entry, secret, max_body_size, accept, log):
-        if ":" in entry["host"]:
-            self.address_family = socket.AF_INET6
         self.secret = secret.encode("utf-8") if secret else None
         self.max_body_size = max_body_size
         self.accept = accept
@@ -842,20 +839,20 @@ class OneBot(Upstream):
         elif msg.type == "sess_message" and msg.via == "group":
             params = {"user_id": to_int(msg.receiver.id), "group_id": msg.group.id}
             if not self._is_member(**params):
-                return final(msg, -5, "临时会话对象不是该群成员，未发送 (membership not verified: not sent)")
+                return final_status(msg, -5, "临时会话对象不是该群成员，未发送 (membership not verified: not sent)")
             action = "send_private_msg"
         else:
-            return final(msg, -5, "OneBot没有讨论组 (no discussion groups on OneBot)")
+            return final_status(msg, -5, "OneBot没有讨论组 (no discussion groups on OneBot)")
         if not self.limiter.acquire():
             return -5, "客户端停止运行"
         with self.send_lock:
             try:
                 data = self.api.call(action, message=outgoing(msg.content), **params)
             except ActionFailed as e:
-                return final(msg, -5, "发送失败: %s" % e)
+                return final_status(msg, -5, "发送失败: %s" % e)
             except TransportError as e:
                 if e.timed_out:
-                    return final(msg, -1, "OneBot未应答，可能已发送，不再重试 (no answer: %s)" % e)
+                    return final_status(msg, -1, "OneBot未应答，可能已发送，不再重试 (no answer: %s)" % e)
                 return -1, "OneBot无法连接 (%s)" % e
             message_id = to_int(data.get("message_id")) if isinstance(data, dict) else None
             if message_id is not None:
@@ -895,12 +892,6 @@ class OneBot(Upstream):
         return ok
 
 
-def final(msg, code, info):
-    """A send result that trying again cannot change: no attempts are left."""
-    msg.ttl = 0
-    return code, info
-
-
 def make_friend(data):
     uid = to_int(data.get("user_id"))
     if uid is None:
@@ -928,12 +919,6 @@ def make_member(data):
 ###############################################################################
 # 6. Plugin
 ###############################################################################
-
-
-def to_bool(value):
-    if isinstance(value, str):
-        return value.strip().lower() not in ("", "0", "false", "no", "off", "none")
-    return bool(value)
 
 
 def listen_entry(value):

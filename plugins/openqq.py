@@ -41,7 +41,8 @@ from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
-from webqq import Http, TrackedHTTPServer, TransportError, __version__, is_loopback, json_dumps, parse_listen, to_int
+from webqq import (Http, TrackedHTTPServer, TransportError, __version__, is_loopback, json_dumps, parse_listen, to_bool,
+                   to_int)
 
 ###############################################################################
 # 1. Constants
@@ -133,13 +134,6 @@ CORS_METHODS = "OPTIONS, HEAD, GET, POST"
 CORS_HEADERS = "X-Requested-With, X-Auth-Token, Content-Type, Content-Length, Authorization"
 JSONP_NAME = re.compile(r"^[A-Za-z0-9_.$]{1,128}$")
 QUERY_PAIR = re.compile(r"([?&;])([^=&;\s\"'#]*)(=?)([^&;\s\"'#]*)")
-
-
-def to_bool(value):
-    """An option's truth: booleans, numbers, and the usual words of an INI file."""
-    if isinstance(value, str):
-        return value.strip().lower() not in ("", "0", "false", "no", "off", "none")
-    return bool(value)
 
 
 def to_list(value):
@@ -1313,8 +1307,6 @@ class Server(TrackedHTTPServer):
     def __init__(self, entry, api, opts, log, hub=None, handler=None):
         """hub: the EventHub whose check_event long-polls wait parked (without a thread of their own)."""
         host = entry["host"]
-        if ":" in host:
-            self.address_family = socket.AF_INET6
         self.api = api
         self.log = log
         self.tls = tls_context(entry) if entry.get("tls") else None
