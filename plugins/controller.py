@@ -675,18 +675,18 @@ class Controller(object):
                   "controller_pid_path": self.pid_path, "controller_grace": str(opts["client_grace"])}
         if opts["log_path"]:
             client["log_path"] = os.path.abspath(opts["log_path"])
-        client.update(paths)
         server = {"access_token": token, "stop_delay": "1"}
         if opts["post_api"]:
             server["post_api"] = opts["post_api"]
         ignored = []
         for key, value in params.items():
             if key in Client.OPTIONS and key not in OWN_CLIENT_OPTIONS:
-                client[key] = os.path.abspath(value) if key in ("tmpdir", "log_path", "cookie_path") else value
+                client[key] = os.path.abspath(value) if key in ("log_path", "cookie_path") else value
             elif key in CLIENT_OPENQQ_OPTIONS:
                 server[key] = value
             else:
                 ignored.append(key)
+        client.update(paths, tmpdir=tmpdir)        # absolute, as the registry has them
         if ignored:
             self.log.warning("client %s: parameter(s) %s ignored (not a client option)", name, ", ".join(ignored))
         for key in ("post_api", "poll_api"):

@@ -1463,7 +1463,8 @@ class Parker(object):
         self.wake()
 
     def notice(self):
-        self.news = True
+        with self.lock:
+            self.news = True
         self.wake()
 
     def wake(self):
@@ -1478,11 +1479,11 @@ class Parker(object):
                 if self.stopping:
                     return
                 arriving, self.arriving = self.arriving, []
+                news, self.news = self.news or bool(arriving), False
             for entry in arriving:
                 entry.sock.settimeout(0)
                 self.parked[entry.sock] = entry
                 self.selector.register(entry.sock, selectors.EVENT_READ, entry)
-            news, self.news = self.news or bool(arriving), False
             now = time.monotonic()
             for entry in [e for e in self.parked.values()
                           if e.deadline <= now or (news and e.req is not None and e.ready())]:

@@ -132,8 +132,12 @@ class SMTPServer(object):
             return list(self.mails)
 
     def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)     # close() alone does not wake a blocked accept()
+        except OSError:
+            pass
         self.sock.close()
-        for t in self.threads:
+        for t in self.threads + [self.accepter]:
             t.join(5)
 
 
