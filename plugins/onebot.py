@@ -194,11 +194,11 @@ def event_key(event):
 
 
 class ActionFailed(ApiError):
-    """An action that did not succeed; `http_status` and `retcode` tell how it was refused."""
+    """An action that did not succeed: `code` is its retcode, `http_status` how the answer came."""
 
     def __init__(self, action, retcode, text="", http_status=200):
         ApiError.__init__(self, retcode, "%s %s" % (action, text) if text else action)
-        self.action, self.retcode, self.http_status = action, retcode, http_status
+        self.http_status = http_status
 
 
 class Unsupported(ActionFailed):
@@ -213,14 +213,13 @@ class OneBotApi(object):
         self.headers = {"Content-Type": "application/json"}
         if token:
             self.headers["Authorization"] = "Bearer " + token
-        self.timeout = timeout
         self.http = Http(timeout=timeout, log=log, user_agent="webqq/%s" % __version__)
 
     def call(self, action, timeout=None, **params):
         """The action's data (None when it was only queued); ActionFailed, or TransportError if nothing answered."""
         body = json.dumps(params, ensure_ascii=False).encode("utf-8")
         res = self.http.request("POST", "%s/%s" % (self.url, action), data=body, headers=self.headers,
-                                timeout=timeout or self.timeout, follow=False)
+                                timeout=timeout, follow=False)
         if res.status == 404:
             raise Unsupported(action, 404, "HTTP 404", 404)
         if res.status in (401, 403):
@@ -323,10 +322,7 @@ class EventHandler(BaseHTTPRequestHandler):
     server_version = "webqq-onebot/" + __version__
     sys_version = ""
     disable_nagle_algorithm = True
-
-    def setup(self):
-        self.timeout = self.server.request_timeout
-        BaseHTTPRequestHandler.setup(self)
+    timeout = 60        # seconds a connection may stay silent
 
     def do_POST(self):
         length = to_int(self.headers.get("Content-Length"))
@@ -372,7 +368,6 @@ class EventReceiver(TrackedHTTPServer):
     """Where the implementation POSTs events: signature and self id checked, 204 at once, queued in order."""
 
     name = "onebot-receiver"
-    request_timeout = 60
 
     def __init__(self, entry, secret, max_body_size, accept, log):
         self.secret = secret.encode("utf-8") if secret else None
@@ -703,9 +698,9 @@ class OneBot(Upstream):
         """The name to show for an @qq: its card in the group, a friend's markname, or None."""
         qq, contacts = to_int(qq), self.client.contacts
         group = contacts.group(group_id) if group_id is not None else None
-        for member in group.members if group is not None else ():
-            if member.id == qq:
-                return member.displayname
+        member = self._member_of(group, qq) if group is not None else None
+        if member is not None:
+            return member.displayname
         friend = contacts.friend(qq)
         return friend.displayname if friend is not None else None
 

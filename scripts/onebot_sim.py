@@ -157,7 +157,6 @@ class Profile(object):
     post_retries = 0
     post_retry_interval = 0.0
     json_any_body = False          # read any non-form body as JSON, whatever its Content-Type
-    temp_sessions = False
 
     def ok(self, data):
         return 200, {"status": "ok", "retcode": 0, "data": data}
@@ -218,7 +217,6 @@ class NapCat(Profile):
     user_agent = "NapCat"
     post_format = "array"
     json_any_body = True
-    temp_sessions = True
 
     def _envelope(self, status, retcode, data, text=""):
         return {"status": status, "retcode": retcode, "data": data, "message": text, "wording": text,
@@ -240,10 +238,7 @@ class NapCat(Profile):
         return 403, {"message": "token verify failed!"}
 
     def suffix(self, action):
-        for tail in ("_async", "_rate_limited"):
-            if action.endswith(tail):
-                return action[:-len(tail)], False
-        return action, False
+        return Profile.suffix(self, action)[0], False
 
 
 class LLOneBot(NapCat):

@@ -1199,8 +1199,6 @@ class Server(TrackedHTTPServer):
     """The listening socket, with a thread per connection that stop() can end."""
 
     name = "smartqq-sim"
-    block_on_close = False
-    allow_reuse_address = True
 
     def __init__(self, address, sim):
         self.sim = sim
