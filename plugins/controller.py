@@ -439,40 +439,11 @@ class Api(object):
 ###############################################################################
 
 
-class ProxyRequest(Request):
-    """A Request that also keeps its raw query string and body, to pass them on unchanged."""
-
-    __slots__ = ("query", "body")
-
-    def __init__(self, method, path, params, headers=None, scheme="http", alive=None, trusted=False,
-                 query="", body=b""):
-        Request.__init__(self, method, path, params, headers, scheme, alive, trusted)
-        self.query = query
-        self.body = body
-
-
-class Handler(openqq.Handler):
-    """openqq's connection handler, keeping what the proxy passes on."""
-
-    def read_body(self, headers):
-        self.raw_body = openqq.Handler.read_body(self, headers)
-        return self.raw_body
-
-    def read_request(self):
-        self.raw_body = b""
-        req = openqq.Handler.read_request(self)
-        query = self.path.partition("?")[2].partition("#")[0]
-        return ProxyRequest(req.method, req.path, req.params, req.headers, req.scheme, req.alive,
-                            query=query, body=self.raw_body)
-
-
 class Server(openqq.Server):
     """openqq's server (keep-alive, connection cap, TLS) answering with the controller's Api."""
 
     name = "controller"
 
-    def __init__(self, entry, api, opts, log):
-        openqq.Server.__init__(self, entry, api, opts, log, handler=Handler)
 
 
 ###############################################################################
@@ -869,7 +840,7 @@ class Controller(object):
                 return
             parts = urlsplit(target)
             params = parse_params(parts.query.encode("utf-8"), None, b"")
-            resp = self.api.handle(ProxyRequest("GET", parts.path, params, trusted=True, query=parts.query))
+            resp = self.api.handle(Request("GET", parts.path, params, trusted=True, query=parts.query))
             self.log.debug("poll_api called %s: %d %s", openqq.redact(target), resp.status, resp.body[:200])
         elif not 200 <= res.status < 300:
             self.log.warning("poll_api %s answered HTTP %d", openqq.redact(url), res.status)

@@ -204,12 +204,15 @@ class Request(object):
     """One API call as the routes see it, whether it came over HTTP or from a poll_api redirect.
 
     `parkable`: a long-poll may answer wait_for instead of waiting on this thread (see Parker);
-    `wait`: seconds it may still wait, when not the route's own timeout.
+    `wait`: seconds it may still wait, when not the route's own timeout; `query` and `body`: as they
+    came, for a proxy to pass on.
     """
 
-    __slots__ = ("method", "path", "params", "headers", "scheme", "alive", "trusted", "parkable", "wait")
+    __slots__ = ("method", "path", "params", "headers", "scheme", "alive", "trusted", "parkable", "wait",
+                 "query", "body")
 
-    def __init__(self, method, path, params, headers=None, scheme="http", alive=None, trusted=False):
+    def __init__(self, method, path, params, headers=None, scheme="http", alive=None, trusted=False,
+                 query="", body=b""):
         self.method = method
         self.path = path
         self.params = params
@@ -219,6 +222,8 @@ class Request(object):
         self.trusted = trusted
         self.parkable = False
         self.wait = None
+        self.query = query
+        self.body = body
 
     def param(self, name):
         """The parameter's value (the first one if it was repeated), or None."""
@@ -1186,7 +1191,8 @@ class Handler(BaseHTTPRequestHandler):
         params = parse_params(query.partition("#")[0].encode("latin-1"), headers.get("content-type"), body)
         scheme = "https" if self.server.tls is not None else "http"
         connection = self.connection
-        req = Request(self.command, path, params, headers, scheme, lambda: peer_alive(connection))
+        req = Request(self.command, path, params, headers, scheme, lambda: peer_alive(connection),
+                      query=query.partition("#")[0], body=body)
         req.parkable = self.server.parker is not None
         return req
 
@@ -1304,7 +1310,7 @@ class Server(TrackedHTTPServer):
     name = "openqq"
     request_queue_size = 1024
 
-    def __init__(self, entry, api, opts, log, hub=None, handler=None):
+    def __init__(self, entry, api, opts, log, hub=None):
         """hub: the EventHub whose check_event long-polls wait parked (without a thread of their own)."""
         host = entry["host"]
         self.api = api
@@ -1315,7 +1321,7 @@ class Server(TrackedHTTPServer):
         self.max_connections = opts["max_connections"]
         self.deadlines = {}     # socket -> when its request must have arrived whole (slow-loris guard)
         self._date = (0, "")
-        TrackedHTTPServer.__init__(self, (host, entry["port"]), handler or Handler)
+        TrackedHTTPServer.__init__(self, (host, entry["port"]), Handler)
         self.parker = Parker(self, hub) if hub is not None and self.tls is None else None
         self.parking = {}       # socket -> Parked, until its connection thread lets go of the socket
 
@@ -1812,7 +1818,7 @@ class Openqq(object):
         """GET one of our own API URLs in-process, as a trusted caller."""
         parts = urlsplit(url)
         params = parse_params(parts.query.encode("utf-8"), None, b"")
-        return self.api.handle(Request("GET", parts.path, params, trusted=True))
+        return self.api.handle(Request("GET", parts.path, params, trusted=True, query=parts.query))
 
     def stop(self):
         """End every thread of the plugin; returns when they have ended."""
