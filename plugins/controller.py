@@ -36,13 +36,13 @@ import sys
 import tempfile
 import threading
 import time
-from urllib.parse import parse_qsl, unquote_plus, urlencode, urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
 import webqq
-from webqq import (ENV_PREFIX, Client, TransportError, atomic_write, configure_logging, json_dumps,
+from webqq import (ENV_PREFIX, Client, atomic_write, configure_logging, json_dumps,
                    parse_listen, pid_alive, read_config, read_pid, remove_file)
 from plugins import openqq
-from plugins.openqq import ApiError, Request, Response, bad_request, outgoing, parse_params
+from plugins.openqq import ApiError, Response, bad_request
 
 ###############################################################################
 # 1. Constants
@@ -491,7 +491,7 @@ class Controller(object):
         self.stopping = []               # children asked to stop, watched until they are gone
         self.servers = []
         self.threads = []
-        self.poll_http = outgoing(self.log)
+        self.poller = openqq.Poller(self, self.opts["poll_api"], "controller-poll") if self.opts["poll_api"] else None
         self.stopped = threading.Event()
         self.own_pid_file = False
 
@@ -512,8 +512,8 @@ class Controller(object):
         for server in self.servers:
             server.thread.start()
         self.spawn_thread("controller-watch", self.watch)
-        if self.opts["poll_api"]:
-            self.spawn_thread("controller-poll", self.poll_loop)
+        if self.poller is not None:
+            self.poller.thread.start()
         self.log.info("controller listening on %s (pid %d)", ", ".join(self.urls), os.getpid())
         return self
 
@@ -542,10 +542,10 @@ class Controller(object):
         for server in self.servers:
             server.close()
             server.thread.join()
+        if self.poller is not None:
+            self.poller.stop()
         for thread in self.threads:
-            while thread.is_alive():
-                self.poll_http.abort()    # a poll may have begun just after the first abort
-                thread.join(0.2)
+            thread.join()
         if stop_clients:
             for name in [child.name for child in self.clients()]:
                 self.stop_client(name)
@@ -815,35 +815,9 @@ class Controller(object):
 
     # -- poll_api -------------------------------------------------------------
 
-    def poll_loop(self):
-        while not self.stopped.is_set():
-            try:
-                self.poll()
-            except Exception:
-                self.log.exception("poll_api failed")
-            self.stopped.wait(self.opts["poll_interval"])
-
-    def poll(self):
-        """GET poll_api once; a redirect into this API is carried out here (the original didn't)."""
-        url = self.opts["poll_api"]
-        try:
-            res = self.poll_http.request("GET", url, timeout=self.opts["poll_timeout"], follow=False)
-        except TransportError as e:
-            if not self.stopped.is_set():
-                self.log.warning("poll_api %s failed: %s", openqq.redact(url), e)
-            return
-        if res.status in (301, 302, 303, 307, 308) and res.headers.get("location"):
-            target = urljoin(url, res.headers["location"])
-            if not self.owns(target):
-                self.log.warning("poll_api redirect to %s not followed: not this controller's API",
-                                 openqq.redact(target))
-                return
-            parts = urlsplit(target)
-            params = parse_params(parts.query.encode("utf-8"), None, b"")
-            resp = self.api.handle(Request("GET", parts.path, params, trusted=True, query=parts.query))
-            self.log.debug("poll_api called %s: %d %s", openqq.redact(target), resp.status, resp.body[:200])
-        elif not 200 <= res.status < 300:
-            self.log.warning("poll_api %s answered HTTP %d", openqq.redact(url), res.status)
+    def polling(self):
+        """poll_api is polled all the time the controller runs."""
+        return True
 
     def owns(self, url):
         """True when url points into this controller's /openqq/ API."""

@@ -1618,19 +1618,29 @@ def listen_entries(opts):
 ###############################################################################
 
 
-class Poller(object):
-    """poll_api: GET it forever, poll_interval apart; a redirect into our own API is called in-process."""
+def call_url(api, url):
+    """GET one of api's own URLs in-process, as a trusted caller."""
+    parts = urlsplit(url)
+    params = parse_params(parts.query.encode("utf-8"), None, b"")
+    return api.handle(Request("GET", parts.path, params, trusted=True, query=parts.query))
 
-    def __init__(self, plugin, url):
+
+class Poller(object):
+    """poll_api: GET it forever, poll_interval apart; a redirect into our own API is called in-process.
+
+    plugin (the Openqq plugin, or the controller) has log, opts, stopped, api, owns(url) and
+    polling(): whether to poll now."""
+
+    def __init__(self, plugin, url, name="openqq-poll"):
         self.plugin = plugin
         self.url = url
         self.http = outgoing(plugin.log)
-        self.thread = threading.Thread(target=self.run, name="openqq-poll", daemon=True)
+        self.thread = threading.Thread(target=self.run, name=name, daemon=True)
 
     def run(self):
         stopped = self.plugin.stopped
         while not stopped.is_set():
-            if self.plugin.client.state == "running":
+            if self.plugin.polling():
                 try:
                     self.poll()
                 except Exception:
@@ -1642,7 +1652,8 @@ class Poller(object):
         try:
             res = self.http.request("GET", self.url, timeout=self.plugin.opts["poll_timeout"], follow=False)
         except TransportError as e:
-            log.warning("poll_api %s failed: %s", redact(self.url), e)
+            if not self.plugin.stopped.is_set():
+                log.warning("poll_api %s failed: %s", redact(self.url), e)
             return
         status = res.status
         if status in (301, 302, 303, 307, 308) and res.headers.get("location"):
@@ -1650,10 +1661,16 @@ class Poller(object):
             if not self.plugin.owns(target):
                 log.warning("poll_api redirect to %s not followed: not this server's API", redact(target))
                 return
-            resp = self.plugin.call_url(target)
+            resp = call_url(self.plugin.api, target)
             log.debug("poll_api called %s: %d %s", redact(target), resp.status, resp.body[:200])
         elif not 200 <= status < 300:
             log.warning("poll_api %s answered HTTP %d", redact(self.url), status)
+
+    def stop(self):
+        """Wait for the thread (the plugin's stopped is set), cutting a poll in flight."""
+        while self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.http.abort()       # again: a poll may have begun just after the first abort
+            self.thread.join(0.2)
 
 
 ###############################################################################
@@ -1814,11 +1831,9 @@ class Openqq(object):
         """True when url points into this plugin's /openqq/ API."""
         return points_into(url, self.servers, self.entries)
 
-    def call_url(self, url):
-        """GET one of our own API URLs in-process, as a trusted caller."""
-        parts = urlsplit(url)
-        params = parse_params(parts.query.encode("utf-8"), None, b"")
-        return self.api.handle(Request("GET", parts.path, params, trusted=True, query=parts.query))
+    def polling(self):
+        """poll_api is polled while the client is logged in."""
+        return self.client.state == "running"
 
     def stop(self):
         """End every thread of the plugin; returns when they have ended."""
@@ -1834,8 +1849,8 @@ class Openqq(object):
             server.close()
             if server.thread.is_alive() and server.thread is not threading.current_thread():
                 server.thread.join()
-        if self.poller is not None and self.poller.thread is not threading.current_thread():
-            self.poller.thread.join()
+        if self.poller is not None:
+            self.poller.stop()
         if self.reporter is not None:
             self.reporter.stop(self.opts["post_timeout"])
         for t in list(self.threads):
