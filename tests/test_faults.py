@@ -563,8 +563,10 @@ def matrix(request):
             outcomes = {o.scenario.id: o for o in pool.map(run_scenario, sorted(scenarios, key=expected_seconds))}
     log.removeHandler(handler)
     log.setLevel(level)
-    time.sleep(0.5)
-    left = sorted(t.name for t in threading.enumerate() if t not in before)
+    def left_behind():
+        return sorted(t.name for t in threading.enumerate() if t not in before)
+    wait_until(lambda: not left_behind(), 5)
+    left = left_behind()
     slowest = sorted(outcomes.values(), key=lambda o: -o.seconds)[:5]
     print("\nfault matrix: %d scenarios in %.1f s; slowest: %s" % (
         len(outcomes), time.time() - started, ", ".join("%s %.1fs" % (o.scenario.id, o.seconds) for o in slowest)))

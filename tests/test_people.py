@@ -423,9 +423,16 @@ def test_a_fatal_error_shows_a_hint_and_waits_for_enter_only_when_asked(tmp_path
     command = [sys.executable, os.path.join(ROOT, "webqq.py"), "-c", str(path), "--pause-on-error", "yes"]
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(os.environ, PYTHONIOENCODING="utf-8"))
-    time.sleep(0.8)
+    shown, hint = b"", "提示 (hint):".encode("utf-8")
+    while hint not in shown or b"\n" not in shown.split(hint)[1]:    # up to the hint, just before the pause
+        chunk = os.read(proc.stderr.fileno(), 4096)                   # unbuffered: communicate() reads the rest
+        if not chunk:
+            break
+        shown += chunk
+    time.sleep(0.3)
     assert proc.poll() is None                                         # waiting for Enter
     out, err = proc.communicate(b"\n", timeout=10)
+    err = shown + err
     assert proc.returncode == 2 and "按回车键关闭窗口 (press Enter to close this window)" in err.decode("utf-8")
     assert time.time() - started < 10
 
