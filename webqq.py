@@ -1112,6 +1112,16 @@ class Message(object):
     def done(self):
         return self._done.is_set()
 
+    @property
+    def place(self):
+        """The group or discussion the message belongs to, or None."""
+        return self.group or self.discuss
+
+    @property
+    def addressee(self):
+        """Whom a sent message goes to: the friend or member for private ones, else its place."""
+        return self.receiver if self.type in ("friend_message", "sess_message") else self.place
+
     def finish(self, code, info):
         """Record the final status of a send."""
         self.code, self.info = code, info
@@ -1743,7 +1753,7 @@ class SmartQQ(Upstream):
             r["did"] = msg.discuss.id
         else:
             service_type = 0 if msg.via == "group" else 1
-            sig = self._sess_sig((msg.group or msg.discuss).id, to_int(msg.receiver.id), service_type)
+            sig = self._sess_sig(msg.place.id, to_int(msg.receiver.id), service_type)
             if not sig:
                 return -5, "无法获取到sess_sig"
             r.update(to=to_int(msg.receiver.id), group_sig=sig, service_type=service_type)

@@ -80,12 +80,9 @@ class Console(object):
     @staticmethod
     def summary(seq, msg):
         """A message as the page lists it."""
-        place = msg.group or msg.discuss
-        if msg.cls == "recv":
-            who = msg.sender.displayname if msg.sender is not None else "?"
-        else:
-            target = place if place is not None and msg.type != "sess_message" else msg.receiver
-            who = target.displayname if target is not None else "?"
+        place = msg.place
+        who = msg.sender if msg.cls == "recv" else msg.addressee
+        who = who.displayname if who is not None else "?"
         status = None
         if msg.cls == "send":
             status = msg.msg if msg.code in (0, None) else "%s: %s" % (msg.msg, msg.info)
@@ -99,7 +96,7 @@ class Console(object):
         state, png = client.state, client.qrcode
         user = contacts.user
         return {
-            "code": 0, "version": self.version, "state": state, "state_text": STATE_TEXT.get(state, state),
+            "code": 0, "state": state, "state_text": STATE_TEXT.get(state, state),
             "account": client.account,
             "user": {"name": user.displayname, "uid": user.uid} if user.id is not None else None,
             "counts": {"friends": len(contacts.friends()), "groups": len(contacts.groups()),

@@ -28,14 +28,12 @@ def _names(value):
 
 def describe(msg):
     """One line for a message: [label] who : content."""
-    place = msg.group or msg.discuss
     if msg.cls == "recv":
         who = msg.sender.displayname if msg.sender is not None else "?"
-        if place is not None:
-            who += "|" + str(place.displayname)
+        if msg.place is not None:
+            who += "|" + str(msg.place.displayname)
     else:
-        target = msg.receiver if msg.type in ("friend_message", "sess_message") else place
-        who = "我->%s" % (target.displayname if target is not None else "?")
+        who = "我->%s" % (msg.addressee.displayname if msg.addressee is not None else "?")
     line = "[%s] %s : %s" % (LABELS.get(msg.type, msg.type), who, msg.content)
     if msg.cls == "send" and msg.code not in (0, None):
         line += " (%s: %s)" % (msg.msg, msg.info)
