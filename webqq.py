@@ -202,6 +202,12 @@ def to_bool(value):
     return bool(value)
 
 
+def yes_no(text):
+    """True or False for the words of an INI boolean (1 true yes on / 0 false no off); None for others."""
+    text = str(text).strip().lower()
+    return True if text in ("1", "true", "yes", "on") else False if text in ("0", "false", "no", "off") else None
+
+
 def cut_utf8(text, limit):
     """text cut to at most limit UTF-8 bytes on a character boundary."""
     if text is None or limit is None or limit <= 0:
@@ -2290,7 +2296,8 @@ class Client(EventEmitter):
         for kind, listed in (("friend", self.contacts.friends), ("group", self.contacts.groups),
                              ("discuss", self.contacts.discusses)):
             ok.append(self._refresh(kind, diff=False))
-            self.emit("progress", kind, len(listed()), len(listed()))
+            count = len(listed())
+            self.emit("progress", kind, count, count)
         if not (ok[0] or ok[1]):
             raise LoginFailed("好友和群组信息都无法获取 (no contacts)", fatal=False)
 
@@ -2859,12 +2866,13 @@ def text_size(text):
 
 def fit_qrcode(matrix, ascii, size, color=False):
     """(text, fits): the drawing with the widest quiet zone (2, else 1) that fits in size."""
+    drawings = []
     for quiet in (2, 1):
-        text = draw_qrcode(matrix, ascii=ascii, quiet=quiet, color=color)
-        columns, lines = text_size(text)
+        drawings.append(draw_qrcode(matrix, ascii=ascii, quiet=quiet, color=color))
+        columns, lines = text_size(drawings[-1])
         if size is None or (columns <= size[0] and lines < size[1]):
-            return text, True
-    return draw_qrcode(matrix, ascii=ascii, quiet=2, color=color), False
+            return drawings[-1], True
+    return drawings[0], False
 
 
 def show_qrcode_in_terminal(path, png, stream=None):
@@ -3023,11 +3031,9 @@ def convert_value(text, default):
     """A config text as the type of default: boolean, number, JSON (lists, objects), else the text."""
     text = text.strip()
     if isinstance(default, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError("must be true or false, not %r" % text)
+        if yes_no(text) is None:
+            raise ValueError("must be true or false, not %r" % text)
+        return yes_no(text)
     if isinstance(default, (int, float)):  # plugins' seconds often have int defaults: 2.5 is fine there
         for number in ((int, float) if isinstance(default, int) else (float,)):
             try:
@@ -3383,11 +3389,8 @@ def started_by_double_click():
 
 def should_pause(setting, stdin=None):
     """Whether to wait for Enter after a fatal error, for pause_on_error (yes, no, auto)."""
-    setting = str(setting).strip().lower()
-    if setting in ("1", "true", "yes", "on"):
-        return True
-    if setting in ("0", "false", "no", "off"):
-        return False
+    if yes_no(setting) is not None:
+        return yes_no(setting)
     stdin = stdin or sys.stdin
     try:
         interactive = stdin is not None and stdin.isatty()
