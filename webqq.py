@@ -540,16 +540,14 @@ class Http(object):
             path, True, False, None, False, None, None, {}))
 
     def save_cookies(self, path):
-        """Write the jar to path as JSON (mode 0600); False (logged) when that is not possible."""
+        """Write the jar to path as JSON (mode 0600); a failure is logged, and the client goes on."""
         cookies = [{"name": c.name, "value": c.value, "domain": c.domain, "path": c.path,
                     "secure": c.secure, "expires": c.expires,
                     "domain_specified": c.domain_specified} for c in self.jar]
         try:
             atomic_write(path, json.dumps(cookies, indent=1))
-            return True
         except OSError as e:
             self.log.error("cookie文件写入失败 (cannot write the cookie file) %s: %s", path, e)
-            return False
 
     def load_cookies(self, path):
         """Read a jar written by save_cookies; False when there is none, it is unreadable, or it is not ours."""
@@ -629,9 +627,11 @@ class TrackedHTTPServer(ThreadingHTTPServer):
             self.connections[threading.current_thread()] = sock
 
     def close(self, timeout=5.0):
-        """Stop accepting, cut every open connection and wait for the connection threads."""
+        """Stop accepting, cut every open connection and wait for the listener and connection threads."""
         if self.thread.is_alive():
             self.shutdown()
+            if self.thread is not threading.current_thread():
+                self.thread.join()
         self.server_close()
         with self.connections_lock:
             connections = list(self.connections.items())

@@ -323,7 +323,8 @@ class Child(object):
 
 
 def client_not_exists():
-    return {"code": CLIENT_ERROR, "status": "client not exists"}
+    """The original's answer when the named client is not there (HTTP 200, code 1)."""
+    return ApiError(200, CLIENT_ERROR, "client not exists")
 
 
 class Api(object):
@@ -377,7 +378,7 @@ class Api(object):
         """The client the request names; the original's code-1 answer when it names none or an unknown one."""
         child = self.controller.client(self.name(req))
         if child is None:
-            raise ApiError(200, CLIENT_ERROR, "client not exists")
+            raise client_not_exists()
         return child
 
     def start_client(self, req):
@@ -510,7 +511,7 @@ class Controller(object):
             self.release_pid_file()
             raise
         for server in self.servers:
-            server.thread.start()
+            server.start()
         self.spawn_thread("controller-watch", self.watch)
         if self.poller is not None:
             self.poller.thread.start()
@@ -541,7 +542,6 @@ class Controller(object):
         self.stopped.set()
         for server in self.servers:
             server.close()
-            server.thread.join()
         if self.poller is not None:
             self.poller.stop()
         for thread in self.threads:
@@ -702,7 +702,7 @@ class Controller(object):
         with self.lock:
             child = self.children.pop(name, None)
             if child is None:
-                return client_not_exists()
+                return client_not_exists().body
             self.stopping.append(child)
             self.save()
         if not child.ask_to_stop(self.opts["stop_timeout"]):

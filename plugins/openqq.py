@@ -1847,8 +1847,6 @@ class Openqq(object):
             done.set()
         for server in self.servers:
             server.close()
-            if server.thread.is_alive() and server.thread is not threading.current_thread():
-                server.thread.join()
         if self.poller is not None:
             self.poller.stop()
         if self.reporter is not None:
