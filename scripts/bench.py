@@ -239,7 +239,7 @@ class SimPart(object):
             msg_id = self.sim.inject_friend_message(world.friends[(n // 2) % len(world.friends)], content)
         else:
             group = world.groups[(n // 2) % len(world.groups)]
-            others = [m for m in group.members if m.uin != world.user.uin]
+            others = world.others(group)
             msg_id = self.sim.inject_group_message(group, others[(n // 2) % len(others)], content)
         self.injected[msg_id] = started
         return msg_id, started

@@ -439,11 +439,12 @@ class QRCode(object):
             raw.extend([line] * scale)
         raw.extend([blank] * (quiet * scale))
         header = struct.pack(">IIBBBBB", width, width, 8, 0, 0, 0, 0)
-        return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-                + _png_chunk(b"IDAT", zlib.compress(b"".join(raw), 9)) + _png_chunk(b"IEND", b""))
+        return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+                + png_chunk(b"IDAT", zlib.compress(b"".join(raw), 9)) + png_chunk(b"IEND", b""))
 
 
-def _png_chunk(kind, body):
+def png_chunk(kind, body):
+    """One PNG chunk: length, kind, body, CRC."""
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
 
@@ -648,6 +649,10 @@ class World(object):
         fields.setdefault("lnick", self._pick(SIGNATURES))
         self._used.add(fields["qq"])
         self.user = User(**fields)
+
+    def others(self, party):
+        """The members of a group or discussion other than the account itself."""
+        return [m for m in party.members if m.uin != self.user.uin]
 
     # -- ids and invented people --
 

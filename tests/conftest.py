@@ -3,12 +3,12 @@ import collections
 import json
 import logging
 import os
+import shutil
 import socket
-import struct
+import subprocess
 import sys
 import threading
 import time
-import zlib
 from http.server import BaseHTTPRequestHandler
 
 import pytest
@@ -19,9 +19,25 @@ for path in (ROOT, os.path.join(ROOT, "scripts")):
         sys.path.insert(0, path)
 
 import webqq  # noqa: E402
-from smartqq_sim import Simulator  # noqa: E402
+from smartqq_sim import Simulator, png_chunk  # noqa: E402,F401 (png_chunk: for the tests)
 
 SMALL_WORLD = {"friends": 6, "groups": 2, "members": 6, "discusses": 1, "seed": 7}
+
+
+@pytest.fixture(scope="session")
+def self_signed(tmp_path_factory):
+    """A certificate and key for 127.0.0.1 in one PEM file, made for the tests by openssl."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    pem, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-keyout", key, "-out", pem, "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(pem, "a") as out, open(key) as f:
+        out.write(f.read())
+    return pem
 
 
 @pytest.fixture
@@ -112,16 +128,16 @@ def wait_until(predicate, timeout=10.0, interval=0.02):
     return predicate()
 
 
+def admin_group(client):
+    """The first group the client's account created or manages."""
+    return [g for g in client.contacts.groups() if g.role in ("create", "manage")][0]
+
+
 def free_port():
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def png_chunk(kind, data):
-    """One PNG chunk: length, kind, data, CRC."""
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 class LogLines(logging.Handler):

@@ -125,8 +125,8 @@ def test_stale_pid_file_is_taken_over(sim, make_client):
 def test_each_message_type_reaches_receive_message(sim, running):
     world, c = sim.world, running.contacts
     friend, group, discuss = world.friends[0], world.groups[0], world.discusses[0]
-    member = [m for m in group.members if m.uin != world.user.uin][0]
-    dmember = [m for m in discuss.members if m.uin != world.user.uin][0]
+    member = world.others(group)[0]
+    dmember = world.others(discuss)[0]
     sim.inject_friend_message(friend.uin, "你好 [微笑]")
     msg = running.recorder.wait("receive_message")[0]
     data = msg.to_json()

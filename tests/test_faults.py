@@ -366,11 +366,11 @@ class Harness(object):
             self.sim.inject_friend_message(world.friends[0].uin, text)
         elif kind == "group":
             group = world.groups[0]
-            member = [m for m in group.members if m.uin != world.user.uin][0]
+            member = world.others(group)[0]
             self.sim.inject_group_message(group.gid, member.uin, text)
         else:
             discuss = world.discusses[0]
-            member = [m for m in discuss.members if m.uin != world.user.uin][0]
+            member = world.others(discuss)[0]
             self.sim.inject_discuss_message(discuss.did, member.uin, text)
         msg = self.recorder.wait("receive_message", where=lambda m: m.content == text, timeout=20)[0]
         assert not msg.sender.placeholder, "%s message from an unresolved sender" % kind
@@ -386,7 +386,7 @@ class Harness(object):
             params = dict(route="send_discuss_message", id=world.discusses[0].did)
         else:
             group = world.groups[0]
-            member = [m for m in group.members if m.uin != world.user.uin][0]
+            member = world.others(group)[0]
             params = dict(route="send_sess_message", group_id=group.gid, id=member.uin)
         params.update(extra, content=text)
         return self.api(params.pop("route"), timeout=timeout, **params)
@@ -635,8 +635,8 @@ def pour(sim, client):
     """MESSAGES messages over 8 conversations, round robin: {conversation: count}; waits until received."""
     world = sim.world
     senders = [("friend", f.uin, None) for f in world.friends]
-    senders += [("group", g.gid, [m for m in g.members if m.uin != world.user.uin][0].uin) for g in world.groups]
-    senders += [("discuss", d.did, [m for m in d.members if m.uin != world.user.uin][0].uin) for d in world.discusses]
+    senders += [("group", g.gid, world.others(g)[0].uin) for g in world.groups]
+    senders += [("discuss", d.did, world.others(d)[0].uin) for d in world.discusses]
     counts = collections.Counter()
     for n in range(MESSAGES):
         kind, target, member = senders[n % len(senders)]

@@ -4,9 +4,7 @@ import collections
 import hashlib
 import hmac
 import json
-import shutil
 import socket
-import subprocess
 import ssl
 import threading
 import time
@@ -15,7 +13,7 @@ import pytest
 import requests
 
 import webqq
-from conftest import Answer, LogLines, Receiver, Recorder, free_port, log_in, scan_and_confirm, wait_until
+from conftest import Answer, LogLines, Receiver, Recorder, admin_group, free_port, log_in, scan_and_confirm, wait_until
 from plugins import openqq
 from smartqq_sim import Simulator, World
 
@@ -102,10 +100,6 @@ def env(tmp_path_factory):
     client.stop()
     receiver.close()
     sim.stop()
-
-
-def admin_group(client):
-    return [g for g in client.contacts.groups() if g.role in ("create", "manage")][0]
 
 
 def other_members(client, group):
@@ -467,20 +461,6 @@ def test_allowed_origin_gets_cors_headers(env):
 
 # -- TLS -----------------------------------------------------------------------------------------
 
-@pytest.fixture
-def self_signed(tmp_path):
-    """A certificate and key for 127.0.0.1 in one PEM file, made for this test by openssl."""
-    if not shutil.which("openssl"):
-        pytest.skip("openssl is not installed")
-    pem, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", key,
-                    "-out", pem, "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(pem, "a") as out, open(key) as f:
-        out.write(f.read())
-    return pem
-
-
 def test_tls_listen_and_a_tls_poller_that_hangs_up(env, self_signed):
     cert = self_signed
     plugin = load_openqq(env.client, listen=[{"host": "127.0.0.1", "port": 0, "tls_cert": cert, "tls_key": cert}],
@@ -709,8 +689,8 @@ def test_post_api_message_reports(env):
     sim, receiver = env.sim, env.receiver
     world = sim.world
     friend, group, discuss = world.friends[4], world.groups[0], world.discusses[0]
-    member = [m for m in group.members if m.uin != world.user.uin][0]
-    dmember = [m for m in discuss.members if m.uin != world.user.uin][0]
+    member = world.others(group)[0]
+    dmember = world.others(discuss)[0]
     base = {"class", "id", "type", "time", "content", "sender", "sender_id", "sender_uid", "post_type"}
     receiver_keys = {"receiver", "receiver_id", "receiver_uid"}
 

@@ -3,32 +3,14 @@ import base64
 import email
 import email.policy
 import logging
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 
 import pytest
 
 from conftest import LogLines, scan_and_confirm, wait_until
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    """A certificate and key for 127.0.0.1 in one PEM file, made for these tests by openssl."""
-    if not shutil.which("openssl"):
-        pytest.skip("openssl is not installed")
-    folder = tmp_path_factory.mktemp("tls")
-    pem, key = str(folder / "cert.pem"), str(folder / "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-days", "1", "-keyout", key, "-out", pem, "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(pem, "a") as out, open(key) as f:
-        out.write(f.read())
-    return pem
 
 
 class SMTPServer(object):
@@ -142,8 +124,8 @@ class SMTPServer(object):
 
 
 @pytest.fixture
-def smtp(request, cert):
-    server = SMTPServer(cert, getattr(request, "param", "starttls"))
+def smtp(request, self_signed):
+    server = SMTPServer(self_signed, getattr(request, "param", "starttls"))
     yield server
     server.close()
 
@@ -155,9 +137,9 @@ def qr_of(mail):
     return parts[0].get_content()
 
 
-def test_each_new_qr_code_is_mailed_once_over_starttls(sim, make_client, smtp, cert):
+def test_each_new_qr_code_is_mailed_once_over_starttls(sim, make_client, smtp, self_signed):
     client = make_client(account="mailer")
-    plugin = client.load("qrmail", host="127.0.0.1", port=smtp.port, tls="starttls", cafile=cert,
+    plugin = client.load("qrmail", host="127.0.0.1", port=smtp.port, tls="starttls", cafile=self_signed,
                          user="me@example.com", password="授权码 code", to="a@example.com, b@example.com",
                          timeout=5)
     assert plugin is not None
@@ -185,9 +167,9 @@ def test_each_new_qr_code_is_mailed_once_over_starttls(sim, make_client, smtp, c
 
 
 @pytest.mark.parametrize("smtp", ["ssl"], indirect=True)
-def test_tls_from_the_start(sim, make_client, smtp, cert):
+def test_tls_from_the_start(sim, make_client, smtp, self_signed):
     client = make_client()
-    client.load("qrmail", host="127.0.0.1", port=smtp.port, tls="ssl", cafile=cert, to="a@example.com",
+    client.load("qrmail", host="127.0.0.1", port=smtp.port, tls="ssl", cafile=self_signed, to="a@example.com",
                 user="bot", password="s3cret", **{"from": "webqq@example.com", "subject": "QR #{number} for {account}"})
     client.start()
     assert sim.wait_qr("waiting")

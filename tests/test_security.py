@@ -22,7 +22,7 @@ import pytest
 import requests
 
 import webqq
-from conftest import ROOT, LogLines, Recorder
+from conftest import ROOT, LogLines, Recorder, admin_group
 from plugins import openqq
 from smartqq_sim import Simulator
 
@@ -366,7 +366,7 @@ def test_no_token_or_cookie_value_reaches_the_log_at_any_level(tmp_path, make_re
             secrets.update((sim.session.psessionid, sim.session.vfwebqq, sim.session.ptwebqq, sim.session.skey))
             secrets.update(r["query"].get("ptsigx") for r in sim.requests if r["path"] == "/check_sig")
         remember()
-        group = [g for g in client.contacts.groups() if g.role in ("create", "manage")][0]
+        group = admin_group(client)
         client.ensure_members(group)
         member = [m for m in group.members if m.role == "member"][0]
         friend = sim.world.friends[0]

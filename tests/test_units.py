@@ -6,7 +6,7 @@ import zlib
 import pytest
 
 import webqq
-from conftest import png_chunk
+from conftest import ROOT, png_chunk
 
 PTWEBQQ = "551a0ec0f70f347e2ffc7931bcf7a13e4c774a2cb9f9085b8ac65a9505e412c9"
 
@@ -269,8 +269,7 @@ def test_draw_qrcode_half_blocks_and_ascii():
 
 
 def test_the_readme_lists_every_client_option():
-    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
-              encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     missing = [name for name in list(webqq.Client.OPTIONS) + list(webqq.MAIN_OPTIONS) if "`%s`" % name not in readme]
     assert missing == []
