@@ -489,7 +489,11 @@ class EventHub(object):
                 return True
             if cursor is None:
                 return bool(self.queue)
-            return self.seq > (cursor if cursor <= self.seq else 0)
+            return self.seq > self._start(cursor)
+
+    def _start(self, cursor):
+        """Where a read from cursor begins: a cursor ahead of us (a restarted client) starts over."""
+        return cursor if cursor <= self.seq else 0
 
     def _trim(self):
         while len(self.queue) > self.max_size:
@@ -524,8 +528,7 @@ class EventHub(object):
         """(seq, item) pairs after cursor, waiting up to timeout; a cursor ahead of us starts over."""
         deadline = time.monotonic() + timeout
         with self.cond:
-            if cursor > self.seq:
-                cursor = 0
+            cursor = self._start(cursor)
             while self.seq <= cursor:
                 left = deadline - time.monotonic()
                 if self.closed or left <= 0 or not alive():
