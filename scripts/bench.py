@@ -825,21 +825,16 @@ class Bench(object):
             timings = self.sim.call("timings", ids=ids)
             run = {"count": count, "lost_post": 0, "lost_check": 0}
             series = {"upstream": [], "post": [], "check": [], "post_beyond": [], "check_beyond": []}
-            for (injected, delivered), (posted, checked) in zip(timings, arrivals):
+            for (injected, delivered), both in zip(timings, arrivals):
                 if delivered is not None:
                     series["upstream"].append(delivered - injected)
-                if posted is None:
-                    run["lost_post"] += 1
-                else:
-                    series["post"].append(posted - injected)
+                for way, arrived in zip(("post", "check"), both):
+                    if arrived is None:
+                        run["lost_" + way] += 1
+                        continue
+                    series[way].append(arrived - injected)
                     if delivered is not None:
-                        series["post_beyond"].append(posted - delivered)
-                if checked is None:
-                    run["lost_check"] += 1
-                else:
-                    series["check"].append(checked - injected)
-                    if delivered is not None:
-                        series["check_beyond"].append(checked - delivered)
+                        series[way + "_beyond"].append(arrived - delivered)
             for name, values in series.items():
                 run[name] = {"p50": percentile(values, 0.5), "p99": percentile(values, 0.99)}
             runs.append(run)
