@@ -25,8 +25,6 @@ A user script:
     client.run()
 """
 
-from __future__ import print_function
-
 import argparse
 import codecs
 import collections
@@ -36,6 +34,7 @@ import html
 import http.client
 import http.cookiejar
 import importlib
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -57,6 +56,10 @@ import urllib.request
 import weakref
 import zlib
 from http.server import ThreadingHTTPServer
+
+if __name__ == "__main__":
+    # `python webqq.py`: the plugins' `from webqq import ...` must get this very module, not a second copy
+    sys.modules.setdefault("webqq", sys.modules[__name__])
 
 try:
     import requests
@@ -1917,6 +1920,31 @@ def pid_alive(pid):
         return True
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The packages plugins and simulators are imported from. pip installs them beside webqq.py; a checkout
+# has them as the folders plugins/ and scripts/, imported under these same names (map_checkout_folders).
+PACKAGES = {"webqq_plugins": "plugins", "webqq_scripts": "scripts"}
+
+
+def map_checkout_folders():
+    """In a checkout, make plugins/ importable as webqq_plugins and scripts/ as webqq_scripts, so that
+    every layout imports each module once, under one name."""
+    for package, folder in PACKAGES.items():
+        init = os.path.join(HERE, folder, "__init__.py")
+        if package in sys.modules or os.path.isdir(os.path.join(HERE, package)) or not os.path.isfile(init):
+            continue
+        spec = importlib.util.spec_from_file_location(package, init,
+                                                      submodule_search_locations=[os.path.dirname(init)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[package] = module
+        spec.loader.exec_module(module)
+
+
+def plugin_module(name):
+    """The module of the plugin called name (in webqq_plugins), or of a dotted module path."""
+    return importlib.import_module(name if "." in name else "webqq_plugins." + name.lower())
+
+
 class Client(EventEmitter):
     """The QQ client: options, the state machine, files, the send queue, relogin, plugins."""
 
@@ -2023,14 +2051,13 @@ class Client(EventEmitter):
         self.upstream = upstream
 
     def load(self, name, **options):
-        """Import plugins.<name> (or a dotted module path) and call its call(client, **options).
+        """Import the plugin called name (or a dotted module path) and call its call(client, **options).
 
         Returns the plugin: what call() returned, or the module when that is None; None when
         loading failed (logged; the client carries on without it).
         """
-        module_name = name if "." in name else "plugins." + name.lower()
         try:
-            module = importlib.import_module(module_name)
+            module = plugin_module(name)
             plugin = module.call(self, **options)
         except (OSError, ValueError, TypeError) as e:
             self.log.error("插件[%s]加载失败 (plugin failed to load): %s", name, e)
@@ -2964,7 +2991,6 @@ def start_qr_displays(client):
 # 10. Config and CLI
 ###############################################################################
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_NAME = "webqq.ini"
 ENV_PREFIX = "WEBQQ_"
 
@@ -3015,7 +3041,7 @@ def plugin_options(name):
     """A plugin's options {name: (default, help)}, from its OPTIONS table or call() signature and its
     OPTION_HELP (an option whose help is None is not for INI files); None: any option."""
     import inspect
-    module = importlib.import_module(name if "." in name else "plugins." + name)
+    module = plugin_module(name)
     helps = getattr(module, "OPTION_HELP", {})
     table = getattr(module, "OPTIONS", None)
     if table is None:
@@ -3221,7 +3247,7 @@ def config_text():
             out += ["# %s" % help_text, ("# %s = %s" % (name, format_value(CLI_DEFAULTS.get(name, default)))).rstrip()]
     for name in DEFAULT_PLUGINS + OPTIONAL_PLUGINS:
         on = name in DEFAULT_PLUGINS
-        module = importlib.import_module("plugins." + name)
+        module = plugin_module(name)
         summary = (module.__doc__ or name).strip().splitlines()[0]
         out += ["", "", "# %s" % summary, ("[%s]" if on else "# [%s]") % name]
         for key, (default, help_text) in (plugin_options(name) or {}).items():
@@ -3556,13 +3582,8 @@ class Runner(object):
 
 
 def load_simulator():
-    """The simulator module scripts/smartqq_sim.py next to this file."""
-    import importlib.util
-    path = os.path.join(HERE, "scripts", "smartqq_sim.py")
-    spec = importlib.util.spec_from_file_location("smartqq_sim", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The SmartQQ simulator module (scripts/smartqq_sim.py, installed as webqq_scripts.smartqq_sim)."""
+    return importlib.import_module("webqq_scripts.smartqq_sim")
 
 
 DEMO_LINES = ("早上好！今天的会议改到下午三点", "有人知道 webqq 的 check_event 怎么用吗？", "看 docs/openqq.md [微笑]",
@@ -3609,8 +3630,7 @@ def main(argv=None):
         fix_console_encoding(stream)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["controller"], ["--controller"]):   # the multi-account Controller API
-        from plugins import controller
-        return controller.main(argv[1:])
+        return plugin_module("controller").main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.init_config is not None:
         return write_init_config(args.init_config)
@@ -3648,6 +3668,8 @@ def main(argv=None):
         report_fatal(last_error.message or "webqq stopped with status %d" % status, settings.main["pause_on_error"])
     return status
 
+
+map_checkout_folders()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,7 @@ import time
 from urllib.parse import quote
 
 from webqq import json_dumps
-from plugins.openqq import NOT_FOUND, ApiError, Response
+from webqq_plugins.openqq import NOT_FOUND, ApiError, Response
 
 OPTIONS = collections.OrderedDict([("history", 50), ("hold", 25.0)])
 OPTION_HELP = {

@@ -41,8 +41,8 @@ from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunspli
 import webqq
 from webqq import (ENV_PREFIX, Client, atomic_write, configure_logging, json_dumps,
                    parse_listen, pid_alive, read_config, read_pid, remove_file)
-from plugins import openqq
-from plugins.openqq import ApiError, Response, bad_request
+from webqq_plugins import openqq
+from webqq_plugins.openqq import ApiError, Response, bad_request
 
 ###############################################################################
 # 1. Constants

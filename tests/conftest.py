@@ -3,7 +3,9 @@ import collections
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -253,3 +255,81 @@ def make_receiver():
     yield make
     for receiver in receivers:
         receiver.close()
+
+
+# -- webqq as people start it: a subprocess ------------------------------------------------------
+
+WEBQQ_PY = os.path.join(ROOT, "webqq.py")
+
+
+class Program(object):
+    """webqq started as people start it, in a process of its own: `python webqq.py ARGS` (or command
+    + ARGS, e.g. an installed `webqq`), in folder cwd; standard error (the log) and standard output
+    go to files there."""
+
+    def __init__(self, args, cwd, command=None, env=None, stdin=subprocess.DEVNULL):
+        self.cwd = str(cwd)
+        self.command = list(command or [sys.executable, WEBQQ_PY]) + [str(arg) for arg in args]
+        environ = {k: v for k, v in os.environ.items() if not k.upper().startswith("WEBQQ_")}
+        environ.update(PYTHONUNBUFFERED="1", **(env or {}))
+        self.err_path, self.out_path = os.path.join(self.cwd, "stderr.log"), os.path.join(self.cwd, "stdout.log")
+        with open(self.err_path, "ab") as err, open(self.out_path, "ab") as out:
+            self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=environ, stdin=stdin, stdout=out,
+                                         stderr=err)
+        self.pid = self.proc.pid
+
+    def log(self):
+        """What the program wrote to standard error so far."""
+        with open(self.err_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def output(self):
+        with open(self.out_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait_log(self, pattern, timeout=20.0):
+        """The first match of the regular expression pattern in the log, waiting for it; fails the test
+        (with the log) when it does not come, or the program ends first."""
+        regex = re.compile(pattern)
+        found = wait_until(lambda: regex.search(self.log()) or (self.proc.poll() is not None and "ended"),
+                           timeout, 0.05)
+        assert found and found != "ended", "no %r in the log of %s (exit status %s):\n%s" % (
+            pattern, " ".join(self.command[1:]), self.proc.poll(), self.log()[-4000:])
+        return found
+
+    def wait(self, timeout=20.0):
+        """The exit status, waiting for the program to end by itself."""
+        return self.proc.wait(timeout)
+
+    def stop(self, sig=signal.SIGTERM, timeout=20.0):
+        """Send sig (if it still runs) and wait for the end: the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def assert_no_traceback(self):
+        log = self.log()
+        assert "Traceback" not in log, "a traceback in the log of %s:\n%s" % (" ".join(self.command[1:]), log[-6000:])
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """launch(*args, command=None, cwd=None, env=None): a Program in tmp_path (or cwd); every one is
+    killed after the test if it still runs, and its log is checked for tracebacks."""
+    programs = []
+
+    def start(*args, **kwargs):
+        kwargs.setdefault("cwd", tmp_path)
+        programs.append(Program(args, **kwargs))
+        return programs[-1]
+
+    yield start
+    for program in programs:
+        program.kill()
+    for program in programs:
+        program.assert_no_traceback()

@@ -15,8 +15,8 @@ import requests
 
 import webqq
 from conftest import ROOT, Answer, free_port, wait_until
-from plugins import controller
-from plugins.controller import Controller
+from webqq_plugins import controller
+from webqq_plugins.controller import Controller
 from smartqq_sim import Simulator
 
 WEBQQ = os.path.join(ROOT, "webqq.py")

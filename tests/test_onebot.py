@@ -16,7 +16,7 @@ import requests
 import webqq
 from conftest import ROOT, Receiver, Recorder, free_port, wait_until
 from onebot_sim import OneBotSimulator
-from plugins import onebot
+from webqq_plugins import onebot
 
 PROFILES = ("spec", "gocq", "napcat", "llonebot")
 TOKEN, SECRET = "api-t0ken", "p0st-s3cret"

@@ -14,7 +14,7 @@ import requests
 
 import webqq
 from conftest import Answer, LogLines, Receiver, Recorder, admin_group, free_port, log_in, scan_and_confirm, wait_until
-from plugins import openqq
+from webqq_plugins import openqq
 from smartqq_sim import Simulator, World
 
 USER_KEYS = set(webqq.User.FIELDS)

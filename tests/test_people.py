@@ -384,7 +384,7 @@ def test_init_config_round_trip(tmp_path):
     expected = {name: default for name, (default, _) in webqq.Client.OPTIONS.items()}
     expected.update(webqq.CLI_DEFAULTS)
     assert full.options == expected and full.main == defaults.main
-    from plugins import openqq
+    from webqq_plugins import openqq
     assert set(full.plugins["openqq"]) == set(openqq.OPTIONS) - {"auth"}
     for name, value in full.plugins["openqq"].items():
         default = openqq.OPTIONS[name]

@@ -205,7 +205,7 @@ def test_untrusted_certificate_is_refused_not_ignored(sim, make_client, smtp):
     ({"host": "smtp.example.com", "to": "a@b", "passwd": "x"}, "qrmail: unknown option(s) passwd"),
 ])
 def test_bad_options_are_refused_at_load(options, error, make_client):
-    from plugins import qrmail
+    from webqq_plugins import qrmail
     client = make_client()
     with pytest.raises(ValueError) as info:
         qrmail.call(client, **options)

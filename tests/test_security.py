@@ -23,7 +23,7 @@ import requests
 
 import webqq
 from conftest import ROOT, LogLines, Recorder, admin_group
-from plugins import openqq
+from webqq_plugins import openqq
 from smartqq_sim import Simulator
 
 TOKEN = "s3cret-Token_0123456789abcdef"

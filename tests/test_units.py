@@ -276,7 +276,7 @@ def test_the_readme_lists_every_client_option():
 
 
 def test_showmsg_lines_name_where_a_message_went():
-    from plugins.showmsg import describe
+    from webqq_plugins.showmsg import describe
     c, g = make_contacts()
     friend, member = c.friend(3), g.members[1]
     sent = webqq.Message(type="friend_message", cls="send", content="hi", sender=c.user, receiver=friend)
