@@ -12,8 +12,10 @@ One module, read top to bottom:
  6. Events          EventEmitter
  7. Upstreams       the Upstream interface and SmartQQ, the w.qq.com web protocol
  8. Client          Client(**options): states, files, send queue, relogin, plugins
- 9. QR display      PNG decoding with zlib/struct, terminal drawing, file, OS viewer, display modes
-10. Config and CLI  main(argv): INI file < WEBQQ_* variables < flags, --init-config, console
+ 9. HTTP API        what every HTTP face builds on: servers, requests, answers, the guard, parked
+                    long-polls, poll_api (the Openqq API, the console, the controller, OneBot's receiver)
+10. QR display      PNG decoding with zlib/struct, terminal drawing, file, OS viewer, display modes
+11. Config and CLI  main(argv): INI file < WEBQQ_* variables < flags, --init-config, console
                     window, progress, restarts, demo mode
 
 A user script:
@@ -30,6 +32,9 @@ import codecs
 import collections
 import datetime
 import difflib
+import email.parser
+import email.policy
+import hmac
 import html
 import http.client
 import http.cookiejar
@@ -42,9 +47,11 @@ import os
 import queue
 import random
 import re
+import selectors
 import shutil
 import socket
 import socketserver
+import ssl
 import struct
 import sys
 import tempfile
@@ -55,7 +62,8 @@ import urllib.parse
 import urllib.request
 import weakref
 import zlib
-from http.server import ThreadingHTTPServer
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 if __name__ == "__main__":
     # `python webqq.py`: the plugins' `from webqq import ...` must get this very module, not a second copy
@@ -97,6 +105,8 @@ STATES = ("init", "loading", "scaning", "confirming", "updating", "running", "st
 STATE_CODES = {10: "online", 20: "offline", 30: "away", 40: "hidden",
                50: "busy", 60: "callme", 70: "silent"}
 CLIENT_TYPES = {1: "pc", 21: "mobile", 24: "iphone", 41: "web"}
+# sys.platform as the original's $^O, for get_client_info and the state file.
+PERL_OS = {"linux": "linux", "win32": "MSWin32", "cygwin": "cygwin", "darwin": "darwin"}
 
 # Send status texts (Mojo Message/Base.pm): code -> msg; the info text varies.
 SEND_OK, SEND_FAILED = "发送成功", "发送失败"
@@ -205,6 +215,15 @@ def to_bool(value):
     return bool(value)
 
 
+def to_list(value):
+    """A list option given as a list, a tuple, or a comma/space separated string."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [item for item in re.split(r"[\s,]+", value) if item]
+    return list(value)
+
+
 def yes_no(text):
     """True or False for the words of an INI boolean (1 true yes on / 0 false no off); None for others."""
     text = str(text).strip().lower()
@@ -219,6 +238,103 @@ def cut_utf8(text, limit):
     if len(raw) <= limit:
         return text
     return raw[:limit].decode("utf-8", "ignore")
+
+
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "msg": 25, "warn": logging.WARNING,
+              "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL}
+logging.addLevelName(25, "MSG")
+
+
+class LogFormatter(logging.Formatter):
+    """The original's log lines: [yy/mm/dd HH:MM:SS] [level] text."""
+
+    NAMES = {logging.DEBUG: "debug", logging.INFO: "info", 25: "msg", logging.WARNING: "warn",
+             logging.ERROR: "error", logging.CRITICAL: "fatal"}
+
+    def __init__(self):
+        logging.Formatter.__init__(self, "[%(asctime)s] [%(short)s] %(message)s", "%y/%m/%d %H:%M:%S")
+
+    def format(self, record):
+        record.short = self.NAMES.get(record.levelno, record.levelname.lower())
+        return logging.Formatter.format(self, record)
+
+
+class StderrHandler(logging.StreamHandler):
+    """A StreamHandler writing to whatever sys.stderr is at the time (it may be replaced later)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging(level="info", path=None, stream=None):
+    """Send the `webqq` logger to path (or stream, default stderr) at level; idempotent."""
+    logger = logging.getLogger("webqq")
+    logger.setLevel(LOG_LEVELS.get(str(level).lower(), logging.INFO))
+    for handler in [h for h in logger.handlers if getattr(h, "webqq", False)]:
+        logger.removeHandler(handler)
+        handler.close()
+    if path:
+        handler = logging.FileHandler(path, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(stream) if stream else StderrHandler()
+    handler.webqq = True
+    handler.setFormatter(LogFormatter())
+    logger.addHandler(handler)
+    return logger
+
+
+def parse_clock(text):
+    """(hour, minute) of "HH:MM"; ValueError otherwise."""
+    match = re.match(r"^\s*(\d{1,2}):(\d{2})\s*$", str(text))
+    if not match or int(match.group(1)) > 23 or int(match.group(2)) > 59:
+        raise ValueError("relogin_at must be a time of day HH:MM, not %r" % text)
+    return int(match.group(1)), int(match.group(2))
+
+
+def next_clock_time(now, hour, minute):
+    """The first datetime after now at hour:minute."""
+    due = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    return due if due > now else due + datetime.timedelta(days=1)
+
+
+def read_pid(path):
+    """The process id written in the file at path; 0 when there is none."""
+    try:
+        with open(path) as f:
+            return to_int(f.read(), 0)
+    except OSError:
+        return 0
+
+
+def pid_alive(pid):
+    """True when a process with this pid runs (without signalling it, Windows included)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":
+        import ctypes
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        ctypes.windll.kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (dead, never reaped: orphans in containers whose pid 1 does not reap) is gone
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rpartition(")")[2].split()[:1] != ["Z"]
+    except OSError:
+        return True
 
 
 FACES = {
@@ -262,6 +378,8 @@ SECRET_PARAMS = frozenset((
 
 
 NO_PROXIES = {"http": None, "https": None}  # requests: ignore the environment's proxies for this call
+# What a request raises when the server took it and then stayed silent (urllib wraps them in URLError's reason).
+READ_TIMEOUTS = (socket.timeout, TimeoutError) + ((requests.exceptions.ReadTimeout,) if requests is not None else ())
 
 
 def is_loopback(host, resolve=False):
@@ -295,8 +413,9 @@ class TransportError(Exception):
         self.timed_out = timed_out
 
 
-class Response(object):
-    """An HTTP answer: status, headers (a dict with lower-case names), body bytes, final URL."""
+class Reply(object):
+    """What an upstream (or a post_api receiver) answered: status, headers (a dict with lower-case names),
+    body bytes, final URL."""
 
     __slots__ = ("status", "headers", "body", "url")
 
@@ -457,7 +576,7 @@ class Http(object):
 
     def request(self, method, url, data=None, referer=None, headers=None, timeout=None,
                 follow=True):
-        """One request, following redirects itself so that each hop is routed; a Response."""
+        """One request, following redirects itself so that each hop is routed; a Reply."""
         hdrs = {"User-Agent": self.user_agent}
         if referer:
             hdrs["Referer"] = referer
@@ -491,7 +610,7 @@ class Http(object):
                 r = session.request(method, url, data=data, headers=headers,
                                     timeout=(min(10.0, timeout), timeout), allow_redirects=False,
                                     proxies=NO_PROXIES if local else None)
-                return Response(r.status_code, {k.lower(): v for k, v in r.headers.items()},
+                return Reply(r.status_code, {k.lower(): v for k, v in r.headers.items()},
                                 r.content, url)
             req = urllib.request.Request(url, data=data, headers=headers, method=method)
             try:
@@ -499,15 +618,13 @@ class Http(object):
             except urllib.error.HTTPError as e:
                 f = e
             with f:
-                return Response(f.getcode() if hasattr(f, "getcode") else f.code,
+                return Reply(f.getcode() if hasattr(f, "getcode") else f.code,
                                 {k.lower(): v for k, v in f.headers.items()}, f.read(), url)
         except TransportError:
             raise
         except Exception as e:  # requests / urllib / socket errors all mean "no answer"
-            name = e.__class__.__name__
-            timed_out = name in ("ReadTimeout", "timeout", "TimeoutError") or (
-                isinstance(getattr(e, "reason", None), socket.timeout))
-            raise TransportError("%s %s: %s" % (method, redact_url(url), name), timed_out)
+            timed_out = isinstance(e, READ_TIMEOUTS) or isinstance(getattr(e, "reason", None), READ_TIMEOUTS)
+            raise TransportError("%s %s: %s" % (method, redact_url(url), e.__class__.__name__), timed_out)
 
     def abort(self):
         """Break every request in progress (they raise TransportError); the Http stays usable."""
@@ -574,79 +691,6 @@ class Http(object):
         self.jar.clear()
 
 
-class TrackedHTTPServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer that serves from a thread of its own and keeps track of each
-    connection's thread, so that close() can end them all: every server of webqq is one.
-
-    Threads are named <name>-<port> (the listener) and <name>-conn-<port> (a connection).
-    """
-
-    daemon_threads = True
-    name = "http"
-
-    def __init__(self, address, handler):
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self.connections = {}  # thread -> the socket it serves
-        self.connections_lock = threading.Lock()
-        ThreadingHTTPServer.__init__(self, address, handler)
-        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
-                                       name="%s-%d" % (self.name, self.port), daemon=True)
-
-    @property
-    def port(self):
-        return self.server_address[1]
-
-    def server_bind(self):
-        # HTTPServer.server_bind also looks the host name up with getfqdn(): slow, and unused here.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def start(self):
-        self.thread.start()
-        return self
-
-    def process_request(self, request, client_address):
-        self.spawn(self.process_request_thread, request, client_address)
-
-    def spawn(self, target, request, *args):
-        """Run target(request, *args) on a connection thread of its own, tracked until it returns."""
-        thread = threading.Thread(target=self._run_tracked, args=(target, request) + args,
-                                  name="%s-conn-%d" % (self.name, self.port), daemon=True)
-        with self.connections_lock:
-            self.connections[thread] = request
-        thread.start()
-
-    def _run_tracked(self, target, request, *args):
-        try:
-            target(request, *args)
-        finally:
-            with self.connections_lock:
-                self.connections.pop(threading.current_thread(), None)
-
-    def track(self, sock):
-        """The socket this connection thread really uses (a TLS one wraps the accepted socket)."""
-        with self.connections_lock:
-            self.connections[threading.current_thread()] = sock
-
-    def close(self, timeout=5.0):
-        """Stop accepting, cut every open connection and wait for the listener and connection threads."""
-        if self.thread.is_alive():
-            self.shutdown()
-            if self.thread is not threading.current_thread():
-                self.thread.join()
-        self.server_close()
-        with self.connections_lock:
-            connections = list(self.connections.items())
-        for _, sock in connections:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread, _ in connections:
-            if thread is not threading.current_thread():
-                thread.join(timeout)
-
 ###############################################################################
 # 4. Model
 ###############################################################################
@@ -711,7 +755,23 @@ class Friend(Model):
         return self.markname if self.markname is not None else self.name
 
 
-class Group(Model):
+class Container(Model):
+    """A group or a discussion group: a model with members; to_json(members=False) leaves them out."""
+
+    __slots__ = ()
+
+    def __init__(self, **fields):
+        Model.__init__(self, **fields)
+        self.members = self.members or []
+
+    def to_json(self, members=True):
+        data = Model.to_json(self)
+        if members:
+            data["member"] = [m.to_json() for m in self.members]
+        return data
+
+
+class Group(Container):
     """A group, with its members once they are loaded."""
 
     FIELDS = ("code", "createtime", "id", "level", "markname", "max_admin", "max_member", "memo",
@@ -719,19 +779,12 @@ class Group(Model):
     __slots__ = FIELDS + ("members", "members_loaded", "contacts")
 
     def __init__(self, **fields):
-        Model.__init__(self, **fields)
-        self.members = self.members or []
+        Container.__init__(self, **fields)
         self.members_loaded = bool(self.members_loaded)
 
     @property
     def displayname(self):
         return self.markname if self.markname is not None else self.name
-
-    def to_json(self, members=True):
-        data = Model.to_json(self)
-        if members:
-            data["member"] = [m.to_json() for m in self.members]
-        return data
 
 
 class GroupMember(Model):
@@ -752,25 +805,15 @@ class GroupMember(Model):
         return self.card if self.card is not None else self.name
 
 
-class Discuss(Model):
+class Discuss(Container):
     """A discussion group with its members."""
 
     FIELDS = ("id", "name", "owner_id")
     __slots__ = FIELDS + ("members", "contacts")
 
-    def __init__(self, **fields):
-        Model.__init__(self, **fields)
-        self.members = self.members or []
-
     @property
     def displayname(self):
         return self.name
-
-    def to_json(self, members=True):
-        data = Model.to_json(self)
-        if members:
-            data["member"] = [m.to_json() for m in self.members]
-        return data
 
 
 class DiscussMember(Model):
@@ -991,56 +1034,39 @@ class Contacts(object):
             return friend
 
     def add_friend(self, friend):
-        with self.lock:
-            if friend.id in self._friend_ids:
-                return []
-            self._friends.append(friend)
-            self._reindex("friend")
-            return [("new_friend", (friend,))]
-
-    def remove_friend(self, id):
-        with self.lock:
-            friend = self._friend_ids.get(id)
-            if friend is None:
-                return []
-            self._friends.remove(friend)
-            self._reindex("friend")
-            return [("lose_friend", (friend,))]
+        return self._add("friend", self._friends, friend)
 
     def add_group(self, group):
-        with self.lock:
-            if group.id in self._group_ids:
-                return []
-            group.contacts = self
-            self._groups.append(group)
-            self._reindex("group")
-            return [("new_group", (group,))]
+        group.contacts = self
+        return self._add("group", self._groups, group)
 
     def remove_group(self, id):
-        with self.lock:
-            group = self._group_ids.get(id)
-            if group is None:
-                return []
-            self._groups.remove(group)
-            self._reindex("group")
-            return [("lose_group", (group,))]
+        return self._remove("group", self._groups, id)
 
     def add_group_member(self, group, member):
-        with self.lock:
-            if any(m.id == member.id for m in group.members):
-                return []
-            member.group = group
-            group.members.append(member)
-            self.changed("group")
-            return [("new_group_member", (member, group))]
+        member.group = group
+        return self._add("group_member", group.members, member, group)
 
     def remove_group_member(self, group, id):
+        return self._remove("group_member", group.members, id, group)
+
+    def _add(self, kind, items, obj, container=None):
+        """Append obj to items (a list of this store) unless one with its id is there: its new_<kind> event."""
         with self.lock:
-            for member in group.members:
-                if member.id == id:
-                    group.members.remove(member)
-                    self.changed("group")
-                    return [("lose_group_member", (member, group))]
+            if any(item.id == obj.id for item in items):
+                return []
+            items.append(obj)
+            self._reindex("friend" if kind == "friend" else "group")
+            return [("new_" + kind, (obj,) + ((container,) if container is not None else ()))]
+
+    def _remove(self, kind, items, id, container=None):
+        """Remove the object with this id from items: its lose_<kind> event."""
+        with self.lock:
+            for obj in items:
+                if obj.id == id:
+                    items.remove(obj)
+                    self._reindex("friend" if kind == "friend" else "group")
+                    return [("lose_" + kind, (obj,) + ((container,) if container is not None else ()))]
             return []
 
 ###############################################################################
@@ -1213,7 +1239,7 @@ class Stopped(Exception):
     """The client is stopping: give up what you are doing."""
 
 
-class ApiError(Exception):
+class UpstreamError(Exception):
     """An upstream API answered with an error code (-1: no JSON at all)."""
 
     def __init__(self, code, text=""):
@@ -1335,7 +1361,7 @@ class SmartQQ(Upstream):
     # -- requests -------------------------------------------------------------
 
     def _call(self, method, url, referer=None, data=None, retries=3, timeout=None):
-        """A request retried (with backoff) when it gets no answer or a 5xx; the Response."""
+        """A request retried (with backoff) when it gets no answer or a 5xx; the Reply."""
         for attempt in range(1, retries + 1):
             try:
                 res = self.http.request(method, url, data=data, referer=referer, timeout=timeout)
@@ -1348,23 +1374,23 @@ class SmartQQ(Upstream):
                 raise Stopped()
 
     def _api(self, method, url, referer, data=None, retries=3):
-        """A SmartQQ JSON call: its `result`, or ApiError."""
+        """A SmartQQ JSON call: its `result`, or UpstreamError."""
         if isinstance(data, dict):
             data = {"r": json.dumps(data, ensure_ascii=False)}
         res = self._call(method, url, referer, data, retries)
         try:
             body = res.json()
         except ValueError:
-            raise ApiError(-1, "HTTP %s, not JSON" % res.status)
+            raise UpstreamError(-1, "HTTP %s, not JSON" % res.status)
         if not isinstance(body, dict):
-            raise ApiError(-1, "unexpected answer")
+            raise UpstreamError(-1, "unexpected answer")
         retcode = body.get("retcode", body.get("errCode", 0))
         if retcode != 0 or "result" not in body:
-            raise ApiError(retcode, body.get("errmsg") or "")
+            raise UpstreamError(retcode, body.get("errmsg") or "")
         return body["result"]
 
     def _qun(self, url, form, referer):
-        """A qun.qq.com / qinfo.clt.qq.com call, authorised by bkn(skey): its JSON, or ApiError."""
+        """A qun.qq.com / qinfo.clt.qq.com call, authorised by bkn(skey): its JSON, or UpstreamError."""
         if self._bkn is None:
             self._bkn = bkn(self.http.cookie("skey") or "")
         form = dict(form, bkn=self._bkn)
@@ -1372,9 +1398,9 @@ class SmartQQ(Upstream):
         try:
             body = res.json()
         except ValueError:
-            raise ApiError(-1, "HTTP %s, not JSON" % res.status)
+            raise UpstreamError(-1, "HTTP %s, not JSON" % res.status)
         if not isinstance(body, dict) or body.get("ec") != 0:
-            raise ApiError(body.get("ec", -1) if isinstance(body, dict) else -1)
+            raise UpstreamError(body.get("ec", -1) if isinstance(body, dict) else -1)
         return body
 
     def _t(self):
@@ -1392,13 +1418,13 @@ class SmartQQ(Upstream):
                     self._finish_login(url)
                     self.log.info("已通过cookie恢复登录，无需扫码 (session resumed from cookies)")
                     return False
-                except (ApiError, TransportError, LoginFailed) as e:
+                except (UpstreamError, TransportError, LoginFailed) as e:
                     self.log.info("cookie恢复登录失败 (%s)，改用二维码登录", e)
                     self.http.clear_cookies()
                     self._prepare()
             self._finish_login(self._qr_login())
             return True
-        except (ApiError, TransportError) as e:
+        except (UpstreamError, TransportError) as e:
             raise LoginFailed("登录失败: %s" % e, fatal=False)
 
     def _prepare(self):
@@ -1424,7 +1450,7 @@ class SmartQQ(Upstream):
             res = self._call("GET", "https://ssl.ptlogin2.qq.com/ptqrshow?appid=%d&e=2&l=M&s=3&d=72&v=4"
                              "&t=%s&daid=%d&pt_3rd_aid=0" % (APPID, random.random(), DAID), XLOGIN)
             if res.status != 200 or not res.body.startswith(b"\x89PNG") or not self.http.cookie("qrsig"):
-                raise ApiError(-1, "ptqrshow answered HTTP %s without a PNG and its qrsig" % res.status)
+                raise UpstreamError(-1, "ptqrshow answered HTTP %s without a PNG and its qrsig" % res.status)
             shown = time.time()
             client.show_qrcode(res.body)
             token = hash33(self.http.cookie("qrsig"))
@@ -1436,7 +1462,7 @@ class SmartQQ(Upstream):
                           self.http.cookie("pt_login_sig") or "", APPID, DAID))
                 args = quoted_args(self._call("GET", url, XLOGIN).text)
                 if not args:  # a gateway's error page or a cut answer: no verdict on the QR
-                    raise ApiError(-1, "ptqrlogin answered without ptuiCB(...)")
+                    raise UpstreamError(-1, "ptqrlogin answered without ptuiCB(...)")
                 code = args[0]
                 if code == "66":
                     client.set_state("scaning")
@@ -1549,7 +1575,7 @@ class SmartQQ(Upstream):
         """Fill friends' uid from qun.qq.com's friend list, matched on (displayname, category)."""
         try:
             result = self._qun("http://qun.qq.com/cgi-bin/qun_mgr/get_friend_list", {}, QUN_REF).get("result")
-        except (ApiError, TransportError) as e:
+        except (UpstreamError, TransportError) as e:
             self.log.debug("no QQ numbers for friends: %s", e)
             return
         numbered = []
@@ -1570,7 +1596,7 @@ class SmartQQ(Upstream):
                   for g in r.get("gnamelist") or ()]
         try:
             lists = self._qun("http://qun.qq.com/cgi-bin/qun_mgr/get_group_list", {}, QUN_REF)
-        except (ApiError, TransportError) as e:
+        except (UpstreamError, TransportError) as e:
             self.log.debug("no QQ numbers for groups: %s", e)
             return groups
         numbered = [(g, role) for key, role in (("create", "create"), ("manage", "manage"), ("join", "attend"))
@@ -1608,7 +1634,7 @@ class SmartQQ(Upstream):
         try:
             info = self._qun("http://qinfo.clt.qq.com/cgi-bin/qun_info/get_group_members",
                              {"gc": group.uid, "u": self.uid}, QINFO_REF)
-        except (ApiError, TransportError) as e:
+        except (UpstreamError, TransportError) as e:
             self.log.debug("no QQ numbers for members of %s: %s", group.uid, e)
             return
         cards = {to_int(k): v for k, v in (info.get("cards") or {}).items()}
@@ -1688,7 +1714,7 @@ class SmartQQ(Upstream):
         try:
             self._online_buddies()
             return True
-        except (ApiError, TransportError):
+        except (UpstreamError, TransportError):
             return False
 
     def _relink(self):
@@ -1697,7 +1723,7 @@ class SmartQQ(Upstream):
             result = self._api("POST", "http://d1.web2.qq.com/channel/login2", D_REF, {
                 "status": self.client.options["mode"], "key": "", "ptwebqq": self.ptwebqq,
                 "clientid": CLIENTID, "psessionid": self.psessionid}, retries=1)
-        except (ApiError, TransportError) as e:
+        except (UpstreamError, TransportError) as e:
             raise NeedRelogin("重新连接失败 (relink failed: %s)" % e)
         self.psessionid = result.get("psessionid") or self.psessionid
         self.vfwebqq = result.get("vfwebqq") or self.vfwebqq
@@ -1787,7 +1813,7 @@ class SmartQQ(Upstream):
             result = self._api("GET", "http://d1.web2.qq.com/channel/get_c2cmsg_sig2?id=%s&to_uin=%s"
                                "&service_type=%d&clientid=%d&psessionid=%s&t=%d"
                                % (id, to, service_type, CLIENTID, self.psessionid, self._t()), D_REF, retries=1)
-        except (ApiError, TransportError) as e:
+        except (UpstreamError, TransportError) as e:
             self.log.warning("无法获取到sess_sig: %s", e)
             return None
         sig = result.get("value") if isinstance(result, dict) else None
@@ -1804,7 +1830,7 @@ class SmartQQ(Upstream):
             self._qun("http://qinfo.clt.qq.com/cgi-bin/qun_info/set_group_shutup",
                       {"gc": group.uid, "shutup_list": shutup_list}, QINFO3_REF)
             return True
-        except (ApiError, TransportError) as e:
+        except (UpstreamError, TransportError) as e:
             self.log.warning("禁言失败 (shutup failed): %s", e)
             return False
 
@@ -1815,110 +1841,13 @@ class SmartQQ(Upstream):
             self._qun("http://qun.qq.com/cgi-bin/qun_mgr/delete_group_member",
                       {"gc": group.uid, "ul": "|".join(str(m.uid) for m in members), "flag": 0}, QUN_REF)
             return True
-        except (ApiError, TransportError) as e:
+        except (UpstreamError, TransportError) as e:
             self.log.warning("踢人失败 (kick failed): %s", e)
             return False
 
 ###############################################################################
 # 8. Client
 ###############################################################################
-
-LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "msg": 25, "warn": logging.WARNING,
-              "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL}
-logging.addLevelName(25, "MSG")
-
-
-class LogFormatter(logging.Formatter):
-    """The original's log lines: [yy/mm/dd HH:MM:SS] [level] text."""
-
-    NAMES = {logging.DEBUG: "debug", logging.INFO: "info", 25: "msg", logging.WARNING: "warn",
-             logging.ERROR: "error", logging.CRITICAL: "fatal"}
-
-    def __init__(self):
-        logging.Formatter.__init__(self, "[%(asctime)s] [%(short)s] %(message)s", "%y/%m/%d %H:%M:%S")
-
-    def format(self, record):
-        record.short = self.NAMES.get(record.levelno, record.levelname.lower())
-        return logging.Formatter.format(self, record)
-
-
-class StderrHandler(logging.StreamHandler):
-    """A StreamHandler writing to whatever sys.stderr is at the time (it may be replaced later)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-def configure_logging(level="info", path=None, stream=None):
-    """Send the `webqq` logger to path (or stream, default stderr) at level; idempotent."""
-    logger = logging.getLogger("webqq")
-    logger.setLevel(LOG_LEVELS.get(str(level).lower(), logging.INFO))
-    for handler in [h for h in logger.handlers if getattr(h, "webqq", False)]:
-        logger.removeHandler(handler)
-        handler.close()
-    if path:
-        handler = logging.FileHandler(path, encoding="utf-8")
-    else:
-        handler = logging.StreamHandler(stream) if stream else StderrHandler()
-    handler.webqq = True
-    handler.setFormatter(LogFormatter())
-    logger.addHandler(handler)
-    return logger
-
-
-def parse_clock(text):
-    """(hour, minute) of "HH:MM"; ValueError otherwise."""
-    match = re.match(r"^\s*(\d{1,2}):(\d{2})\s*$", str(text))
-    if not match or int(match.group(1)) > 23 or int(match.group(2)) > 59:
-        raise ValueError("relogin_at must be a time of day HH:MM, not %r" % text)
-    return int(match.group(1)), int(match.group(2))
-
-
-def next_clock_time(now, hour, minute):
-    """The first datetime after now at hour:minute."""
-    due = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
-    return due if due > now else due + datetime.timedelta(days=1)
-
-
-def read_pid(path):
-    """The process id written in the file at path; 0 when there is none."""
-    try:
-        with open(path) as f:
-            return to_int(f.read(), 0)
-    except OSError:
-        return 0
-
-
-def pid_alive(pid):
-    """True when a process with this pid runs (without signalling it, Windows included)."""
-    if pid <= 0:
-        return False
-    if os.name == "nt":
-        import ctypes
-        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # QUERY_LIMITED_INFORMATION
-        if not handle:
-            return False
-        code = ctypes.c_ulong()
-        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        ctypes.windll.kernel32.CloseHandle(handle)
-        return code.value == 259  # STILL_ACTIVE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (dead, never reaped: orphans in containers whose pid 1 does not reap) is gone
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rpartition(")")[2].split()[:1] != ["Z"]
-    except OSError:
-        return True
-
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The packages plugins and simulators are imported from. pip installs them beside webqq.py; a checkout
@@ -2022,11 +1951,13 @@ class Client(EventEmitter):
         self.qrcode = None
         self.exit_status = 0
         self.send_failure_count = 0
-        self._cond = threading.Condition()  # guards state, _session, _stopping and the send queue
+        self._cond = threading.Condition()  # guards state, _session, the start of stop() and the send queue
         self._send_queue = collections.deque()
         self._session = 0  # increases with every login: work of an older session is dropped
-        self._stopping = self._started = False
-        self._stop_event, self._stopped = threading.Event(), threading.Event()
+        self._started = False
+        self._stop_event, self._stopped = threading.Event(), threading.Event()   # stop() began, ended
+        self._stopper = None  # the thread that called stop() first
+        self._own_pid_file = False
         self._relogin_event = threading.Event()
         self._incoming = queue.Queue()
         self._threads = []
@@ -2115,8 +2046,9 @@ class Client(EventEmitter):
     def stop(self, reason=None, status=0):
         """Stop everything; returns when every thread of the client and its plugins has ended."""
         with self._cond:
-            already, self._stopping = self._stopping, True
+            already = self._stop_event.is_set()
             if not already:
+                self._stop_event.set()
                 self.exit_status = status
                 self._stopper = threading.current_thread()
             self._cond.notify_all()
@@ -2126,7 +2058,6 @@ class Client(EventEmitter):
             return
         if reason:
             (self.log.error if status else self.log.info)("%s", reason)
-        self._stop_event.set()
         self._relogin_event.set()
         self._incoming.put(None)
         if self.upstream is not None:
@@ -2149,7 +2080,7 @@ class Client(EventEmitter):
                 except Exception:
                     self.log.exception("插件[%s]停止失败", name)
         remove_file(self.qrcode_path)
-        if getattr(self, "_own_pid_file", False):
+        if self._own_pid_file:
             remove_file(self.pid_path)
         self.log.info("客户端停止运行 (client stopped)")
         self._stopped.set()
@@ -2161,7 +2092,7 @@ class Client(EventEmitter):
     def relogin(self):
         """Ask for a new login (the session is gone); returns at once."""
         with self._cond:
-            if self.state != "running" or self._stopping:
+            if self.state != "running" or self.stopping:
                 return False
         self.set_state("updating")
         self._relogin_event.set()
@@ -2302,7 +2233,7 @@ class Client(EventEmitter):
                 is_scan = self.upstream.login()
                 self._load_contacts()
                 break
-            except (LoginFailed, TransportError, ApiError) as e:
+            except (LoginFailed, TransportError, UpstreamError) as e:
                 if getattr(e, "fatal", False):
                     raise
                 failures += 1
@@ -2354,7 +2285,7 @@ class Client(EventEmitter):
         """Fetch the account's own info and store it; True if it worked."""
         try:
             events = self.contacts.set_user(self.upstream.fetch_user(), diff=diff)
-        except (ApiError, TransportError) as e:
+        except (UpstreamError, TransportError) as e:
             self._update_failed("个人信息", e)
             return False
         for name, args in events:
@@ -2370,7 +2301,7 @@ class Client(EventEmitter):
         with self._refresh_lock:
             try:
                 events = store(fetch(), diff=diff)
-            except (ApiError, TransportError) as e:
+            except (UpstreamError, TransportError) as e:
                 self._update_failed("%s信息" % kind, e)
                 self.emit("model_update", kind, 0)
                 return False
@@ -2396,7 +2327,7 @@ class Client(EventEmitter):
         with self._refresh_lock:
             try:
                 fields, members = self.upstream.fetch_group_detail(group)
-            except (ApiError, TransportError) as e:
+            except (UpstreamError, TransportError) as e:
                 self._update_failed("群[%s]成员" % group.name, e)
                 return False
             events = self.contacts.set_group_members(group, fields, members)
@@ -2442,7 +2373,7 @@ class Client(EventEmitter):
 
     def _current(self, session):
         """True while the client runs the login it ran when session was read."""
-        return self.state == "running" and self._session == session and not self._stopping
+        return self.state == "running" and self._session == session and not self.stopping
 
     # -- receiving ------------------------------------------------------------
 
@@ -2599,7 +2530,7 @@ class Client(EventEmitter):
                       source="local", ttl=self.msg_ttl, callback=callback, **fields)
         self.emit("before_send_message", msg)
         with self._cond:
-            if not self._stopping:
+            if not self.stopping:
                 self._send_queue.append(msg)
                 self._cond.notify_all()
                 return msg
@@ -2643,8 +2574,8 @@ class Client(EventEmitter):
         last = None
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stopping or (self._send_queue and self.state == "running"))
-                if self._stopping:
+                self._cond.wait_for(lambda: self.stopping or (self._send_queue and self.state == "running"))
+                if self.stopping:
                     break
                 msg = self._send_queue.popleft()
             if msg.ttl <= 0:
@@ -2703,10 +2634,1129 @@ class Client(EventEmitter):
         return True
 
 
-PERL_OS = {"linux": "linux", "win32": "MSWin32", "cygwin": "cygwin", "darwin": "darwin"}
+###############################################################################
+# 9. HTTP API
+###############################################################################
+
+# Request-level codes of every HTTP face. -6 is the original's auth failure, -7 design.md's "client
+# not running"; the others are ours, for requests the original answered with HTML or not at all.
+AUTH_FAILED, NOT_RUNNING, NOT_FOUND, BAD_REQUEST, INTERNAL_ERROR = -6, -7, -8, -9, -10
+
+CORS_METHODS = "OPTIONS, HEAD, GET, POST"
+CORS_HEADERS = "X-Requested-With, X-Auth-Token, Content-Type, Content-Length, Authorization"
+JSONP_NAME = re.compile(r"^[A-Za-z0-9_.$]{1,128}$")
+QUERY_PAIR = re.compile(r"([?&;])([^=&;\s\"'#]*)(=?)([^&;\s\"'#]*)")
+OWN_AGENT = "webqq/" + __version__      # the User-Agent of webqq's own requests (post_api, poll_api, OneBot)
+
+
+def mask_tokens(text):
+    """text with the value of every query parameter whose name, percent-decoded, mentions a token
+    (access_token, %61ccess_token, ACCESS_TOKEN...) masked, for log lines."""
+    def mask(match):
+        sep, name, equals = match.group(1, 2, 3)
+        if "token" not in urllib.parse.unquote_to_bytes(name).decode("latin-1").lower():
+            return match.group(0)
+        return sep + (name + "=***" if equals else "***")     # no "=": an encoded one may hide the value
+    return QUERY_PAIR.sub(mask, text)
+
+
+class TrackedHTTPServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer that serves from a thread of its own and keeps track of each
+    connection's thread, so that close() can end them all: every server of webqq is one.
+
+    Threads are named <name>-<port> (the listener) and <name>-conn-<port> (a connection).
+    """
+
+    daemon_threads = True
+    name = "http"
+
+    def __init__(self, address, handler):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.connections = {}  # thread -> the socket it serves
+        self.connections_lock = threading.Lock()
+        ThreadingHTTPServer.__init__(self, address, handler)
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
+                                       name="%s-%d" % (self.name, self.port), daemon=True)
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+    def server_bind(self):
+        # HTTPServer.server_bind also looks the host name up with getfqdn(): slow, and unused here.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def process_request(self, request, client_address):
+        self.spawn(self.process_request_thread, request, client_address)
+
+    def spawn(self, target, request, *args):
+        """Run target(request, *args) on a connection thread of its own, tracked until it returns."""
+        thread = threading.Thread(target=self._run_tracked, args=(target, request) + args,
+                                  name="%s-conn-%d" % (self.name, self.port), daemon=True)
+        with self.connections_lock:
+            self.connections[thread] = request
+        thread.start()
+
+    def _run_tracked(self, target, request, *args):
+        try:
+            target(request, *args)
+        finally:
+            with self.connections_lock:
+                self.connections.pop(threading.current_thread(), None)
+
+    def track(self, sock):
+        """The socket this connection thread really uses (a TLS one wraps the accepted socket)."""
+        with self.connections_lock:
+            self.connections[threading.current_thread()] = sock
+
+    def drop(self, sock):
+        """Shut a connection's socket down and close it."""
+        socketserver.TCPServer.shutdown_request(self, sock)
+
+    def close(self, timeout=5.0):
+        """Stop accepting, cut every open connection and wait for the listener and connection threads."""
+        if self.thread.is_alive():
+            self.shutdown()
+            if self.thread is not threading.current_thread():
+                self.thread.join()
+        self.server_close()
+        with self.connections_lock:
+            connections = list(self.connections.items())
+        for _, sock in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread, _ in connections:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+
+
+# -- requests and answers ---------------------------------------------------------
+
+
+class ApiError(Exception):
+    """A request an HTTP face refuses: the HTTP status, the Openqq code and a readable status."""
+
+    def __init__(self, http_status, code, status, headers=(), **extra):
+        Exception.__init__(self, status)
+        self.http_status = http_status
+        self.body = dict(extra, code=code, status=status)
+        self.headers = list(headers)
+
+    def response(self):
+        return Response(json_dumps(self.body).encode("utf-8"), self.http_status, self.headers)
+
+
+def bad_request(status, http_status=400):
+    return ApiError(http_status, BAD_REQUEST, status)
+
+
+class Response(object):
+    """What an HTTP face answers: body bytes, HTTP status, headers, and what to do if it can't be delivered.
+
+    `wait_for` = (ready, seconds) is no answer yet: ask again once ready() is true or seconds passed.
+    """
+
+    __slots__ = ("body", "status", "headers", "content_type", "undelivered", "wait_for")
+
+    def __init__(self, body, status=200, headers=(), content_type="application/json; charset=utf-8"):
+        self.body = body
+        self.status = status
+        self.headers = list(headers)
+        self.content_type = content_type
+        self.undelivered = None
+        self.wait_for = None
+
+
+def as_response(result):
+    """A route's result as a Response: one already, JSON bytes, or data to serialise."""
+    if isinstance(result, Response):
+        return result
+    return Response(result if isinstance(result, bytes) else json_dumps(result).encode("utf-8"))
+
+
+class Request(object):
+    """One call to an HTTP face, whether it came over HTTP or in-process (a poll_api redirect).
+
+    `params` are parsed from the query and the body when first read (ApiError 400 if they can't be);
+    `query` and `body` stay as they came, for a proxy to pass on. `parkable`: a long-poll may answer
+    wait_for instead of waiting on this thread (see Parker); `wait`: seconds it may still wait, when
+    not the route's own timeout.
+    """
+
+    __slots__ = ("method", "path", "headers", "scheme", "alive", "trusted", "parkable", "wait", "query",
+                 "body", "_params")
+
+    def __init__(self, method, path, query="", body=b"", headers=None, scheme="http", alive=None,
+                 trusted=False, params=None):
+        self.method = method
+        self.path = path
+        self.query = query
+        self.body = body
+        self.headers = headers or {}
+        self.scheme = scheme
+        self.alive = alive or (lambda: True)
+        self.trusted = trusted
+        self.parkable = False
+        self.wait = None
+        self._params = params
+
+    @property
+    def params(self):
+        if self._params is None:
+            try:
+                query = self.query.encode("latin-1")      # as http.server decoded it
+            except UnicodeEncodeError:
+                query = self.query.encode("utf-8")        # text given in-process
+            self._params = parse_params(query, self.headers.get("content-type"), self.body)
+        return self._params
+
+    def param(self, name):
+        """The parameter's value (the first one if it was repeated), or None."""
+        value = self.params.get(name)
+        return value[0] if isinstance(value, tuple) else value
+
+
+def unquote_param(raw, charset):
+    """Percent-decode every byte of a query or form component, '+' read as a space."""
+    data = urllib.parse.unquote_to_bytes(raw.replace(b"+", b" "))
+    try:
+        return data.decode(charset)
+    except UnicodeDecodeError:
+        raise bad_request("parameters must be %s (percent-encoded or not)" % charset.upper())
+
+
+def add_param(params, name, value):
+    """Store a parameter; a repeated name keeps every value in a tuple."""
+    if name in params:
+        old = params[name]
+        params[name] = (old if isinstance(old, tuple) else (old,)) + (value,)
+    else:
+        params[name] = value
+
+
+def json_value(value):
+    """A JSON body's value as parameter text: true/false as 1/0, lists joined with commas."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+        return ",".join(json_value(v) for v in value)
+    raise bad_request("JSON parameters must be strings, numbers, booleans or lists of those")
+
+
+def header_param(header, name):
+    """A parameter of a header value such as Content-Type's charset or boundary."""
+    match = re.search(r";\s*%s=\"?([^\";]+)\"?" % name, header or "", re.I)
+    return match.group(1).strip() if match else None
+
+
+def parse_params(query, content_type, body):
+    """Parameters of a request: the query pairs, then the body's (form, multipart or JSON)."""
+    params = {}
+    for piece in query.split(b"&"):
+        if piece:
+            name, _, value = piece.partition(b"=")
+            add_param(params, unquote_param(name, "utf-8"), unquote_param(value, "utf-8"))
+    if not body:
+        return params
+    mime = (content_type or "").split(";")[0].strip().lower()
+    charset = header_param(content_type, "charset") or "utf-8"
+    try:
+        "".encode(charset)
+    except (LookupError, ValueError):       # ValueError: the "undefined" codec, a NUL in the name
+        raise bad_request("unknown charset %s" % charset[:40])
+    if mime == "application/json" or (not mime and body.lstrip()[:1] == b"{"):
+        try:
+            data = json.loads(body.decode(charset))
+        except (ValueError, RecursionError):    # RecursionError: arrays nested thousands deep
+            raise bad_request("the body is not valid JSON in %s" % charset.upper())
+        if not isinstance(data, dict):
+            raise bad_request("a JSON body must be an object")
+        for name, value in data.items():
+            if value is not None:
+                add_param(params, name, json_value(value))
+    elif mime == "multipart/form-data":
+        for name, value in multipart_pairs(content_type, body, charset):
+            add_param(params, name, value)
+    elif mime in ("application/x-www-form-urlencoded", ""):
+        for piece in body.split(b"&"):
+            if piece.strip():
+                name, _, value = piece.strip().partition(b"=")
+                add_param(params, unquote_param(name, charset), unquote_param(value, charset))
+    return params
+
+
+def multipart_pairs(content_type, body, charset):
+    """(name, text) of each field of a multipart/form-data body."""
+    head = ("Content-Type: %s\r\n\r\n" % content_type).encode("latin-1", "replace")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        raise bad_request("a multipart body needs its boundary")
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name is None:
+            continue
+        data = part.get_payload(decode=True) or b""
+        try:
+            yield str(name), data.decode(part.get_content_charset() or charset)
+        except (ValueError, LookupError):
+            raise bad_request("multipart field %s is not %s" % (str(name)[:40], charset.upper()))
+
+
+# -- who may call ---------------------------------------------------------------------
+
+
+def url_origin(url):
+    """scheme://host[:port] of a URL, lower-cased, or None."""
+    try:
+        parts = urllib.parse.urlsplit(url or "")
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.netloc:
+        return None
+    return "%s://%s" % (parts.scheme.lower(), parts.netloc.lower())
+
+
+class Guard(object):
+    """Who may call: the access token, the auth callback, and the browser cross-site rules."""
+
+    def __init__(self, token, auth, allow_origin, log):
+        self.token = token.encode("utf-8") if token else None
+        self.auth = auth
+        self.allow_origin = frozenset(o.rstrip("/").lower() for o in allow_origin)
+        self.log = log
+
+    def check(self, req):
+        """Raise ApiError(403) unless req may go on."""
+        if req.trusted:
+            return
+        if not self.site_ok(req):
+            raise ApiError(403, AUTH_FAILED, "cross-site request refused")
+        if self.token is not None and not self.token_ok(req):
+            raise ApiError(403, AUTH_FAILED, "auth failure")
+        if self.auth is not None:
+            try:
+                ok = self.auth(dict(req.params), req)
+            except Exception as e:
+                self.log.warning("auth callback failed: %s", e)
+                ok = False
+            if not ok:
+                raise ApiError(403, AUTH_FAILED, "auth failure")
+
+    def token_ok(self, req):
+        given = req.params.get("access_token")
+        if given is None:
+            scheme, _, value = req.headers.get("authorization", "").strip().partition(" ")
+            if scheme.lower() in ("bearer", "token"):
+                given = value.strip()
+        if not isinstance(given, str):
+            return False
+        return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), self.token)   # JSON may hold lone surrogates
+
+    def allowed(self, origin):
+        return origin is not None and ("*" in self.allow_origin or origin in self.allow_origin)
+
+    def site_ok(self, req):
+        """False for what a browser marks cross-site, or sends with a foreign Origin, unless allowed;
+        and, when no token guards the API, for a browser's request to a name that isn't localhost's:
+        a page whose name was made to resolve to 127.0.0.1 (DNS rebinding) is same-origin to it."""
+        if self.token is None and self.auth is None and self.from_browser(req) and not self.local_host(req):
+            return False
+        origin = req.headers.get("origin")
+        if origin is not None:
+            origin = origin.rstrip("/").lower()
+            return origin == self.own_origin(req) or self.allowed(origin)
+        if req.headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site"):
+            return self.allowed(url_origin(req.headers.get("referer")))
+        return True
+
+    @staticmethod
+    def from_browser(req):
+        return "sec-fetch-site" in req.headers or req.headers.get("user-agent", "").startswith("Mozilla/")
+
+    def local_host(self, req):
+        """True when the Host header is an IP address, localhost, absent, or the host of an allowed origin."""
+        host = req.headers.get("host", "").strip().lower()
+        name = re.sub(r":\d*$", "", host).strip("[]")
+        if not name or name == "localhost" or name.endswith(".localhost"):
+            return True
+        try:
+            ipaddress.ip_address(name.split("%")[0])
+            return True
+        except ValueError:
+            return self.allowed(url_origin("%s://%s" % (req.scheme, host)))
+
+    @staticmethod
+    def own_origin(req):
+        return "%s://%s" % (req.scheme, req.headers.get("host", "").lower())
+
+    def cors_headers(self, req, preflight=False):
+        """The Access-Control-* headers for an allowed browser request."""
+        origin = req.headers.get("origin")
+        if "*" in self.allow_origin:
+            origin = "*"
+        elif origin is None or not (origin.rstrip("/").lower() == self.own_origin(req)
+                                    or self.allowed(origin.rstrip("/").lower())):
+            return []
+        headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        if preflight:
+            headers += [("Access-Control-Allow-Methods", CORS_METHODS),
+                        ("Access-Control-Allow-Headers", CORS_HEADERS),
+                        ("Access-Control-Max-Age", "600")]
+        return headers
+
+
+def check_protected(entries, token, auth, allow_insecure, what="openqq"):
+    """Protected mode: refuse a listen address beyond loopback when nothing guards it."""
+    exposed = [e["host"] or "*" for e in entries if not is_loopback(e["host"], resolve=True)]
+    if exposed and not token and auth is None and not allow_insecure:
+        raise ValueError(
+            "%s refuses to listen on %s without access_token (protected mode): set "
+            "access_token, listen on 127.0.0.1, or set allow_insecure=1 if a firewall or "
+            "proxy guards the port" % (what, ", ".join(exposed)))
+
+
+# -- routes ----------------------------------------------------------------------------
+
+
+class Api(object):
+    """What an HTTP face answers, one request at a time: guard, route, answer. Subclasses give
+    route(req), the handler of a request, which returns a Response or JSON-able data or raises
+    ApiError. A guard (a Guard) decides who may call and the browser rules; None lets every caller
+    through to the handler. `jsonp` answers ?datatype=jsonp&callback=NAME as JavaScript."""
+
+    name = "api"
+    jsonp = False
+
+    def __init__(self, guard, log):
+        self.guard = guard
+        self.log = log
+
+    def handle(self, req):
+        """Answer one request; never raises."""
+        callback = None
+        try:
+            if self.guard is not None:
+                self.guard.check(req)
+                if req.method == "OPTIONS":
+                    return Response(b"", 200, self.guard.cors_headers(req, preflight=True))
+            handler = self.route(req)
+            callback = self.callback(req)
+            resp = as_response(handler(req))
+        except ApiError as e:
+            resp = e.response()
+        except Exception:
+            self.log.exception("%s %s failed", self.name, req.path)
+            resp = ApiError(500, INTERNAL_ERROR, "internal error").response()
+        if callback is not None:
+            resp.body = b"%s(%s)" % (callback.encode("ascii"), resp.body)
+            resp.content_type = "application/javascript; charset=utf-8"
+        if self.guard is not None:
+            resp.headers.extend(self.guard.cors_headers(req))
+        return resp
+
+    def route(self, req):
+        raise ApiError(403, NOT_FOUND, "api not found")
+
+    def callback(self, req):
+        """The JSONP function name a request asks its answer to be wrapped in, or None."""
+        if not self.jsonp or req.param("datatype") != "jsonp":
+            return None
+        callback = req.param("callback") or "jsoncallback%d" % time.time()
+        if not JSONP_NAME.match(callback):
+            raise bad_request("callback must match [A-Za-z0-9_.$]{1,128}")
+        return callback
+
+
+# -- serving --------------------------------------------------------------------------
+
+
+def peer_alive(sock):
+    """False once the peer has closed or reset the connection; reads nothing."""
+    timeout = sock.gettimeout()
+    try:
+        sock.settimeout(0)
+        # socket.socket.recv peeks at the TCP stream below the SSL layer; there a waiting
+        # TLS alert record (type 21) is the close_notify of a client that hung up.
+        data = socket.socket.recv(sock, 1, socket.MSG_PEEK)
+        return data != b"" and not (data == b"\x15" and isinstance(sock, ssl.SSLSocket))
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return True
+    except (OSError, ValueError):
+        return False
+    finally:
+        try:
+            sock.settimeout(timeout)
+        except OSError:
+            pass
+
+
+def send_gathered(sock, head, body):
+    """sock.sendall(head + body) without building head + body: one system call for both if it can."""
+    sent = sock.sendmsg([head, body])
+    if sent < len(head):
+        sock.sendall(head[sent:])
+        sock.sendall(body)
+    else:
+        sock.sendall(memoryview(body)[sent - len(head):])
+
+
+def kernel_timeouts(sock, seconds):
+    """Make sock blocking, each receive and send bounded by seconds in the kernel (POSIX); False where
+    that is not possible. A socket with a Python timeout polls before every call, and each wait gives
+    up the GIL: under many connections, each taking it back costs more than the call itself."""
+    if not hasattr(socket, "SO_RCVTIMEO") or not hasattr(sock, "sendmsg"):    # not on Windows
+        return False
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        sock.settimeout(None)
+    except (OSError, struct.error):
+        return False
+    return True
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One connection of an ApiServer: reads requests, hands them to its Api, writes the answers; keep-alive."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = OWN_AGENT
+    sys_version = ""
+    disable_nagle_algorithm = True
+
+    def setup(self):
+        self.timeout = self.server.request_timeout
+        if self.server.tls is not None:
+            self.request.settimeout(self.timeout)
+            self.request = self.server.tls.wrap_socket(self.request, server_side=True)
+            self.server.track(self.request)
+        BaseHTTPRequestHandler.setup(self)
+        blocking = self.server.tls is None and kernel_timeouts(self.connection, self.timeout)
+        self.socket_timeout = None if blocking else self.timeout     # the mode buffered() restores
+
+    def finish(self):
+        self.server.awaiting(self.connection, None)
+        try:
+            BaseHTTPRequestHandler.finish(self)
+        finally:
+            if self.server.tls is not None:
+                self.request.close()
+
+    def handle_one_request(self):
+        self.server.awaiting(self.connection, self.timeout)    # the whole request must arrive in time
+        BaseHTTPRequestHandler.handle_one_request(self)
+
+    def parse_request(self):
+        """http.server's, after the empty lines a client may send before a request (RFC 9112 2.2);
+        a request line of blanks gets 400 instead of a silent close."""
+        for _ in range(4):
+            if self.raw_requestline not in (b"\r\n", b"\n"):
+                break
+            self.raw_requestline = self.rfile.readline(65537)
+        if self.raw_requestline.strip() and len(self.raw_requestline) <= 65536:
+            return BaseHTTPRequestHandler.parse_request(self)
+        self.command = self.requestline = self.request_version = ""
+        self.close_connection = True
+        if self.raw_requestline:
+            self.send_error(414 if len(self.raw_requestline) > 65536 else 400)
+        return False
+
+    def do_GET(self):
+        try:
+            req = self.read_request()
+        except ApiError as e:
+            self.close_connection = True     # the body may be unread: don't parse it as a request
+            self.send(e.response())
+            return
+        resp = self.server.api.handle(req)
+        if resp.wait_for is not None:
+            if not self.buffered():
+                self.park(req, *resp.wait_for)
+                return
+            req.parkable, req.trusted = False, True      # a next request is already here: wait on this thread
+            resp = self.server.api.handle(req)
+        self.send(resp)
+
+    do_POST = do_HEAD = do_OPTIONS = do_PUT = do_DELETE = do_PATCH = do_GET
+
+    def buffered(self):
+        """True when bytes of a next request already sit in this connection's read buffer."""
+        self.connection.settimeout(0)
+        try:
+            return bool(self.rfile.peek(1))
+        except OSError:
+            return False
+        finally:
+            self.connection.settimeout(self.socket_timeout)
+
+    def park(self, req, ready, timeout):
+        """Leave req to the server's Parker: this thread ends and the connection waits without one."""
+        entry = Parked(self, req, ready, timeout)
+        with self.server.connections_lock:
+            self.server.parking[self.connection] = entry
+        self.close_connection = True
+
+    def read_request(self):
+        """The Request on this connection, its body read whole; ApiError when it can't be."""
+        target = self.path
+        if target.startswith(("http://", "https://")):
+            target = target.split("/", 3)[3] if target.count("/") >= 3 else ""
+            target = "/" + target
+        path, _, query = target.partition("?")
+        headers = self.header_dict()
+        try:
+            body = self.read_body(headers)
+        finally:
+            self.server.awaiting(self.connection, None)
+        connection = self.connection
+        req = Request(self.command, path, query.partition("#")[0], body, headers,
+                      "https" if self.server.tls is not None else "http", lambda: peer_alive(connection))
+        req.parkable = self.server.parker is not None
+        return req
+
+    FRAMING = ("content-length", "transfer-encoding")
+
+    def header_dict(self):
+        """The request's headers by lowercase name (the last of repeated ones); two different
+        Content-Length or Transfer-Encoding values are refused: proxies may each believe another."""
+        headers = {}
+        for name, value in self.headers.items():
+            key = name.lower()
+            if key in self.FRAMING and headers.get(key, value) != value:
+                raise bad_request("conflicting %s headers" % name)
+            headers[key] = value
+        return headers
+
+    def read_body(self, headers):
+        """The body after headers (header_dict()), as Content-Length or chunked framing says."""
+        server, limit = self.server, self.server.max_body_size
+        coding = headers.get("transfer-encoding", "").strip().lower()
+        length = headers.get("content-length")
+        if server.length_required and length is None and (self.command == "POST" or coding):
+            raise ApiError(411, BAD_REQUEST, "Content-Length required")
+        if coding and coding != "identity":
+            if coding != "chunked":
+                raise bad_request("unsupported Transfer-Encoding", 400)
+            return self.read_chunked(limit)
+        if length is None:
+            return b""
+        size = to_int(length)
+        if size is None or size < 0:
+            raise bad_request("invalid Content-Length")
+        if size > limit:
+            raise bad_request("%s over %d bytes" % (server.body_name, limit), 413)
+        body = self.rfile.read(size) or b""     # None: the kernel timeout ended the wait
+        if len(body) < size:
+            raise bad_request("%s shorter than its Content-Length" % server.body_name)
+        return body
+
+    def read_chunked(self, limit):
+        chunks, total = [], 0
+        while True:
+            line = self.rfile.readline(1026)
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                size = -1
+            if size < 0:                    # read(-1) would wait for the end of the connection
+                raise bad_request("invalid chunked body")
+            if size == 0:
+                break
+            total += size
+            if total > limit:
+                raise bad_request("%s over %d bytes" % (self.server.body_name, limit), 413)
+            chunks.append(self.rfile.read(size) or b"")
+            self.rfile.readline(3)
+        while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+            pass
+        return b"".join(chunks)
+
+    def answer(self, resp):
+        """(head, body): the bytes this connection sends for resp."""
+        body = b"" if self.command == "HEAD" else resp.body
+        lines = ["HTTP/1.1 %d %s" % (resp.status, self.responses.get(resp.status, ("",))[0]),
+                 "Server: " + self.server_version,
+                 "Date: " + self.server.date()]
+        if resp.status != 204:
+            lines += ["Content-Type: " + resp.content_type, "Content-Length: %d" % len(resp.body),
+                      "X-Content-Type-Options: nosniff"]
+        lines.extend("%s: %s" % pair for pair in resp.headers)
+        if self.close_connection:
+            lines.append("Connection: close")
+        elif getattr(self, "request_version", "") == "HTTP/1.0":
+            lines.append("Connection: keep-alive")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace"), body
+
+    def send(self, resp):
+        """Write resp; if the caller is gone, let it take its items back."""
+        head, body = self.answer(resp)
+        try:
+            if len(body) <= 65536:
+                self.wfile.write(head + body)
+            elif self.server.tls is None and hasattr(self.connection, "sendmsg"):
+                send_gathered(self.connection, head, body)
+            else:                           # a large body is not copied behind the head
+                self.wfile.write(head)
+                self.wfile.write(body)
+        except OSError:
+            self.close_connection = True
+            if resp.undelivered is not None:
+                resp.undelivered()
+            return
+        self.log_request(resp.status, len(body))
+
+    # http.server answers an unknown method 501 and an HTTP/2+ request line 505: both are the
+    # caller's mistakes, not failures of this server, so they get a 4xx.
+    REFUSALS = {501: 405, 505: 400}
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (bad request line, headers too long...) as JSON."""
+        self.server.awaiting(self.connection, None)
+        self.close_connection = True
+        status = message or self.responses.get(code, ("error",))[0]
+        error = bad_request(status, self.REFUSALS.get(code, code))
+        if code == 501:
+            error.headers.append(("Allow", CORS_METHODS))
+        self.send(error.response())
+
+    def log_message(self, fmt, *args):
+        if self.server.log.isEnabledFor(logging.DEBUG):     # formatting every request line costs
+            self.server.log.debug("%s %s %s", self.server.name, self.address_string(), mask_tokens(fmt % args))
+
+
+class ApiServer(TrackedHTTPServer):
+    """One listen address of an HTTP face: a thread per connection, capped in number, each request
+    guarded and answered by its Api; optional TLS; long-polls parked without a thread (parking=True).
+
+    A subclass names itself (`name`, in thread names and logs), what a body is (`body_name`, in
+    refusals) and whether bodies need a Content-Length (`length_required`)."""
+
+    name = "api"
+    body_name = "request body"
+    length_required = False
+    request_queue_size = 1024
+    # The limits opts may change: seconds a request may take to arrive whole (and an idle connection
+    # may stay open), the largest body in bytes, open connections at most.
+    request_timeout, max_body_size, max_connections = 60.0, 1048576, 2000
+
+    def __init__(self, entry, api, log, opts=None, parking=False):
+        self.api = api
+        self.log = log
+        self.entry = entry
+        self.parker = None
+        self.tls = tls_context(entry) if entry.get("tls") else None
+        for limit in ("request_timeout", "max_body_size", "max_connections"):
+            if (opts or {}).get(limit) is not None:
+                setattr(self, limit, opts[limit])
+        self.deadlines = {}     # socket -> when its request must have arrived whole (slow-loris guard)
+        self.parking = {}       # socket -> Parked, until its connection thread lets go of the socket
+        self._date = (0, "")
+        TrackedHTTPServer.__init__(self, (entry["host"], entry["port"]), Handler)
+        if parking and self.tls is None:
+            self.parker = Parker(self)
+
+    def start(self):
+        TrackedHTTPServer.start(self)
+        if self.parker is not None:
+            self.parker.thread.start()
+        return self
+
+    @property
+    def url(self):
+        host = self.server_address[0]
+        host = "[%s]" % host if ":" in host else host
+        return "%s://%s:%d" % ("https" if self.tls else "http", host, self.port)
+
+    def date(self):
+        """The Date header, formatted once a second."""
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, formatdate(now, usegmt=True))
+        return self._date[1]
+
+    def notice(self):
+        """Something a parked request may wait for has happened: the parker asks them again."""
+        if self.parker is not None:
+            self.parker.notice()
+
+    def process_request(self, request, client_address):
+        with self.connections_lock:
+            parked = len(self.parker) if self.parker is not None else 0
+            full = len(self.connections) + parked >= self.max_connections
+        if full:
+            self.refuse(request)
+        else:
+            self.spawn(self.process_request_thread, request, client_address)
+
+    def shutdown_request(self, request):
+        """The end of a connection thread: the parker takes the connection if it was parked, else it closes."""
+        with self.connections_lock:
+            entry = self.parking.pop(request, None)
+            if entry is not None:       # counted as parked from now on, no longer as this thread's
+                self.connections.pop(threading.current_thread(), None)
+                self.parker.park(entry)
+        if entry is None:
+            self.drop(request)
+
+    def resume(self, request, client_address, rest=b"", undelivered=None):
+        """Serve a connection the parker held on a thread again, once the rest of its answer is written."""
+        self.spawn(self.resume_thread, request, client_address, rest, undelivered)
+
+    def resume_thread(self, request, client_address, rest, undelivered):
+        try:
+            request.settimeout(self.request_timeout)
+            request.sendall(rest)
+        except OSError:
+            if undelivered is not None:
+                undelivered()
+            self.drop(request)
+            return
+        self.process_request_thread(request, client_address)
+
+    def awaiting(self, sock, timeout):
+        """The request on sock must arrive within timeout seconds from now; None: it has."""
+        with self.connections_lock:
+            if timeout is None:
+                self.deadlines.pop(sock, None)
+            else:
+                self.deadlines[sock] = time.monotonic() + timeout
+
+    def service_actions(self):
+        """Cut connections whose request did not arrive whole in time: a trickle resets no timeout."""
+        now = time.monotonic()
+        with self.connections_lock:
+            late = [sock for sock, deadline in self.deadlines.items() if deadline <= now]
+            for sock in late:
+                del self.deadlines[sock]
+        for sock in late:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)   # below TLS: its thread may be reading
+            except OSError:
+                pass
+
+    def refuse(self, request):
+        if self.tls is None:
+            body = json_dumps({"code": BAD_REQUEST, "status": "too many connections"}).encode()
+            try:
+                request.settimeout(0)
+                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                             b"Connection: close\r\nRetry-After: 1\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+            except OSError:
+                pass
+        self.drop(request)
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, (OSError, ssl.SSLError, ValueError)):
+            self.log.debug("%s connection from %s ended: %s", self.name, client_address[0], error)
+        else:
+            self.log.exception("%s connection from %s failed", self.name, client_address[0])
+
+    def server_close(self):
+        TrackedHTTPServer.server_close(self)
+        if self.parker is not None:
+            self.parker.stop()
+
+
+class Parked(object):
+    """A connection the Parker holds: waiting for its answer (req), or idle (req None)."""
+
+    __slots__ = ("sock", "address", "handler", "req", "ready", "deadline", "keep_alive")
+
+    def __init__(self, handler, req, ready, timeout):
+        self.sock, self.address, self.handler = handler.connection, handler.client_address, handler
+        self.req, self.ready = req, ready
+        self.deadline = time.monotonic() + timeout
+        self.keep_alive = not handler.close_connection
+
+
+class Parker(object):
+    """Long-polls (check_event) waiting without a thread each, answered together by one thread.
+
+    A waiting thread costs little until the event comes; then waking a thousand of them at once
+    keeps the interpreter lock busy for most of a second, while one thread writes a thousand
+    answers in milliseconds. After its answer a connection stays here, idle, until its next
+    request arrives, which gets a thread again. TLS connections wait on their own threads.
+    Whoever makes a parked request ready calls notice() (ApiServer.notice).
+    """
+
+    def __init__(self, server):
+        self.server = server
+        self.selector = selectors.DefaultSelector()
+        self.wakeup, self.waker = socket.socketpair()
+        for sock in (self.wakeup, self.waker):
+            sock.setblocking(False)
+        self.selector.register(self.wakeup, selectors.EVENT_READ)
+        self.lock = threading.Lock()
+        self.arriving = []
+        self.parked = {}            # socket -> Parked; only the parker's thread changes it
+        self.news = False           # something changed: some waiting request may be ready
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, name="%s-park-%d" % (server.name, server.port),
+                                       daemon=True)
+
+    def __len__(self):
+        return len(self.parked) + len(self.arriving)
+
+    def park(self, entry):
+        with self.lock:
+            self.arriving.append(entry)
+        self.wake()
+
+    def notice(self):
+        with self.lock:
+            self.news = True
+        self.wake()
+
+    def wake(self):
+        try:
+            self.waker.send(b"\0")
+        except OSError:             # its buffer is full (a wake-up is pending anyway), or it is closed
+            pass
+
+    def run(self):
+        while True:
+            with self.lock:
+                if self.stopping:
+                    return
+                arriving, self.arriving = self.arriving, []
+                news, self.news = self.news or bool(arriving), False
+            for entry in arriving:
+                entry.sock.settimeout(0)
+                self.parked[entry.sock] = entry
+                self.selector.register(entry.sock, selectors.EVENT_READ, entry)
+            now = time.monotonic()
+            for entry in [e for e in self.parked.values()
+                          if e.deadline <= now or (news and e.req is not None and e.ready())]:
+                try:
+                    self.due(entry)
+                except Exception:
+                    self.server.log.exception("%s parked request failed", self.server.name)
+                    self.drop(entry)
+            soonest = min([e.deadline for e in self.parked.values()] or [now + 60])
+            for key, _ in self.selector.select(max(0.0, soonest - time.monotonic())):
+                if key.data is None:
+                    while self.wakeup.recv(4096) == 4096:
+                        pass
+                elif key.data.sock in self.parked:
+                    self.readable(key.data)
+
+    def due(self, entry):
+        """Answer a waiting entry (ready, or its time is up); close an idle one whose time is up."""
+        if entry.req is None:
+            self.drop(entry)                # as a connection thread's read times out
+            return
+        req, entry.req = entry.req, None
+        req.parkable, req.wait, req.trusted = False, 0, True    # it passed the guard when it came
+        resp = self.server.api.handle(req)
+        handler = entry.handler
+        handler.close_connection = not entry.keep_alive
+        data = b"".join(handler.answer(resp))
+        try:
+            sent = entry.sock.send(data)
+        except OSError:
+            if resp.undelivered is not None:
+                resp.undelivered()
+            self.drop(entry)
+            return
+        handler.log_request(resp.status, len(data))
+        if sent < len(data):
+            self.release(entry, data[sent:], resp.undelivered)
+        elif not entry.keep_alive:
+            self.drop(entry)
+        else:
+            entry.deadline = time.monotonic() + self.server.request_timeout
+
+    def readable(self, entry):
+        try:
+            data = entry.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.drop(entry)                # the client hung up: nothing was taken for it
+        elif entry.req is not None:
+            entry.deadline = 0              # a request behind the long-poll: answer it now, then serve on
+        else:
+            self.release(entry)
+
+    def release(self, entry, rest=b"", undelivered=None):
+        """Give the connection back to a thread of the server."""
+        self.selector.unregister(entry.sock)
+        del self.parked[entry.sock]
+        self.server.resume(entry.sock, entry.address, rest, undelivered)
+
+    def drop(self, entry):
+        if self.parked.pop(entry.sock, None) is not None:
+            self.selector.unregister(entry.sock)
+        self.server.drop(entry.sock)
+
+    def stop(self):
+        """End the thread and close every connection held here."""
+        with self.lock:
+            self.stopping = True
+        self.wake()
+        if self.thread.ident is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+        for entry in list(self.parked.values()) + self.arriving:
+            self.server.drop(entry.sock)
+        self.parked.clear()
+        self.arriving = []
+        self.selector.close()
+        self.wakeup.close()
+        self.waker.close()
+
+
+def tls_context(entry):
+    """The server-side SSLContext of a TLS listen entry; a CA file makes client certificates required."""
+    if not entry.get("tls_cert") or not entry.get("tls_key"):
+        raise ValueError("TLS on %s:%s needs tls_cert and tls_key" % (entry["host"], entry["port"]))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(entry["tls_cert"], entry["tls_key"])
+    if entry.get("tls_ca"):
+        ctx.load_verify_locations(entry["tls_ca"])
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    if entry.get("tls_ciphers"):
+        ctx.set_ciphers(entry["tls_ciphers"])
+    return ctx
+
+
+def parse_listen(text):
+    """"host:port" (or ":port", "port", "[::1]:port") as a listen entry {host, port}."""
+    text = str(text).strip()
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit():
+        raise ValueError("listen address %r is not host:port" % text)
+    return {"host": host, "port": int(port)}
+
+
+def listen_entries(value, tls=None, default_port=5000):
+    """A listen option (entries {host, port[, tls, tls_*]}, "host:port" texts, a list or one of
+    them) as a list of {host, port, tls, tls_*} entries; tls: the tls_* defaults of every entry."""
+    if value is None:
+        value = [{"host": "127.0.0.1", "port": default_port}]
+    elif isinstance(value, dict):
+        value = [value]
+    elif isinstance(value, (str, int)):
+        value = to_list(str(value))
+    entries = []
+    for item in value:
+        entry = dict(parse_listen(item) if isinstance(item, str) else item)
+        for key in ("tls_cert", "tls_key", "tls_ca", "tls_ciphers"):
+            entry.setdefault(key, (tls or {}).get(key))
+        entry["tls"] = to_bool(entry.get("tls", entry.get("tls_cert") is not None))
+        entry["host"] = str(entry.get("host", "127.0.0.1")).strip("[]")
+        port = to_int(entry.get("port", 443 if entry["tls"] else default_port))
+        if port is None or not 0 <= port <= 65535:
+            raise ValueError("invalid listen port %r" % entry.get("port"))
+        entry["port"] = port
+        entries.append(entry)
+    return entries
+
+
+def serve(server_class, entries, api, log, opts=None, parking=False):
+    """One started server_class (an ApiServer) per listen entry; none if one of them can't listen."""
+    servers = []
+    try:
+        for entry in entries:
+            servers.append(server_class(entry, api, log, opts, parking))
+    except Exception:
+        for server in servers:
+            server.server_close()
+        raise
+    return [server.start() for server in servers]
+
+
+def points_into(url, servers):
+    """True when url points into the /openqq/ API of these servers."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.path.startswith("/openqq/"):
+        return False
+    host = (parts.hostname or "").lower()
+    return any(server.port == port and (parts.scheme == "https") == (server.tls is not None)
+               and (is_loopback(host) or host == server.entry["host"].lower())
+               for server in servers)
+
+
+class Poller(object):
+    """poll_api: GET a URL forever, poll_interval apart; a redirect into the owner's own API is called
+    in-process, as a trusted caller.
+
+    owner (the Openqq plugin, or the controller) has log, opts (poll_interval, poll_timeout),
+    stopped (an Event), api, owns(url) (points_into its servers) and polling(): whether to poll now."""
+
+    def __init__(self, owner, url, name):
+        self.owner = owner
+        self.url = url
+        self.http = Http(log=owner.log, user_agent=OWN_AGENT)
+        self.thread = threading.Thread(target=self.run, name=name, daemon=True)
+
+    def run(self):
+        stopped = self.owner.stopped
+        while not stopped.is_set():
+            if self.owner.polling():
+                try:
+                    self.poll()
+                except Exception:
+                    self.owner.log.exception("poll_api failed")
+            stopped.wait(self.owner.opts["poll_interval"])
+
+    def poll(self):
+        log = self.owner.log
+        try:
+            res = self.http.request("GET", self.url, timeout=self.owner.opts["poll_timeout"], follow=False)
+        except TransportError as e:
+            if not self.owner.stopped.is_set():
+                log.warning("poll_api %s failed: %s", mask_tokens(self.url), e)
+            return
+        status = res.status
+        if status in (301, 302, 303, 307, 308) and res.headers.get("location"):
+            target = urllib.parse.urljoin(self.url, res.headers["location"])
+            if not self.owner.owns(target):
+                log.warning("poll_api redirect to %s not followed: not this server's API", mask_tokens(target))
+                return
+            resp = self.call(target)
+            log.debug("poll_api called %s: %d %s", mask_tokens(target), resp.status, resp.body[:200])
+        elif not 200 <= status < 300:
+            log.warning("poll_api %s answered HTTP %d", mask_tokens(self.url), status)
+
+    def call(self, url):
+        """GET one of the owner's own URLs in-process."""
+        parts = urllib.parse.urlsplit(url)
+        return self.owner.api.handle(Request("GET", parts.path, parts.query, trusted=True))
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        """Wait for the thread (the owner's stopped is set), cutting a poll in flight."""
+        while self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.http.abort()       # again: a poll may have begun just after the first abort
+            self.thread.join(0.2)
+
 
 ###############################################################################
-# 9. QR display
+# 10. QR display
 ###############################################################################
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -2988,7 +4038,7 @@ def start_qr_displays(client):
 
 
 ###############################################################################
-# 10. Config and CLI
+# 11. Config and CLI
 ###############################################################################
 
 CONFIG_NAME = "webqq.ini"
@@ -3346,16 +4396,6 @@ def load_settings(args, environ):
     for name, value in CLI_DEFAULTS.items():
         settings.options.setdefault(name, value)
     return settings
-
-
-def parse_listen(text):
-    """"host:port" (or ":port", "port", "[::1]:port") as an Openqq listen entry."""
-    text = str(text).strip()
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit():
-        raise ValueError("listen address %r is not host:port" % text)
-    return {"host": host, "port": int(port)}
 
 
 def write_init_config(path, stream=None):

@@ -21,8 +21,7 @@ import threading
 import time
 from urllib.parse import quote
 
-from webqq import json_dumps
-from webqq_plugins.openqq import NOT_FOUND, ApiError, Response
+from webqq import NOT_FOUND, ApiError, Response, json_dumps
 
 OPTIONS = collections.OrderedDict([("history", 50), ("hold", 25.0)])
 OPTION_HELP = {

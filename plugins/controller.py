@@ -13,7 +13,7 @@ kept in a JSON registry and adopted again when the controller itself restarts.
  1. Constants     options, answer codes, which start_client parameters go where
  2. Children      Child: one client process, its registry record, its INI file, its API
  3. Routes        Api: start_client, stop_client, check_client, get_qrcode and the proxy
- 4. Server        openqq's server, with requests that keep their raw query and body
+ 4. Server        webqq's ApiServer under the controller's name
  5. Controller    Controller(**options): registry, ports, supervision, poll_api, start/stop
  6. CLI           main(argv), for `python webqq.py controller`
 """
@@ -39,10 +39,9 @@ import time
 from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
 import webqq
-from webqq import (ENV_PREFIX, Client, atomic_write, configure_logging, json_dumps,
-                   parse_listen, pid_alive, read_config, read_pid, remove_file)
-from webqq_plugins import openqq
-from webqq_plugins.openqq import ApiError, Response, bad_request
+from webqq import (ENV_PREFIX, ApiError, ApiServer, Client, Guard, Poller, Response, atomic_write, bad_request,
+                   check_protected, configure_logging, json_dumps, listen_entries, parse_listen, pid_alive,
+                   points_into, read_config, read_pid, remove_file, serve, to_list)
 
 ###############################################################################
 # 1. Constants
@@ -327,41 +326,27 @@ def client_not_exists():
     return ApiError(200, CLIENT_ERROR, "client not exists")
 
 
-class Api(object):
+class Api(webqq.Api):
     """The controller's routes; every other /openqq/ path goes to the named client."""
 
+    name = "controller"
     ROUTES = {"/openqq/start_client": "start_client", "/openqq/stop_client": "stop_client",
               "/openqq/check_client": "check_client", "/openqq/get_qrcode": "get_qrcode"}
 
     def __init__(self, controller):
+        webqq.Api.__init__(self, controller.guard, controller.log)
         self.controller = controller
-        self.guard = controller.guard
-        self.log = controller.log
 
-    def handle(self, req):
-        """Answer one request; never raises."""
-        try:
-            self.guard.check(req)
-            if req.method == "OPTIONS":
-                return Response(b"", 200, self.guard.cors_headers(req, preflight=True))
-            route = self.ROUTES.get(req.path) if req.method in ("GET", "HEAD") else None
-            if route is not None:
-                result = getattr(self, route)(req)
-            elif req.path.startswith("/openqq/"):
-                result = self.proxy(req)
-            else:
-                raise ApiError(403, API_NOT_FOUND, "api not found")
-            resp = result if isinstance(result, Response) else Response(json_dumps(result).encode("utf-8"))
-        except ApiError as e:
-            resp = e.response()
-        except Exception:
-            self.log.exception("controller %s failed", req.path)
-            resp = ApiError(500, openqq.INTERNAL_ERROR, "internal error").response()
-        resp.headers.extend(self.guard.cors_headers(req))
-        return resp
+    def route(self, req):
+        route = self.ROUTES.get(req.path) if req.method in ("GET", "HEAD") else None
+        if route is not None:
+            return getattr(self, route)
+        if req.path.startswith("/openqq/"):
+            return self.proxy
+        raise ApiError(403, API_NOT_FOUND, "api not found")
 
     @staticmethod
-    def name(req, required=True):
+    def client_name(req, required=True):
         """The client parameter (None when missing and not required); a name unfit for a file name is refused."""
         value = req.params.get("client")
         if isinstance(value, tuple):
@@ -376,13 +361,13 @@ class Api(object):
 
     def child(self, req):
         """The client the request names; the original's code-1 answer when it names none or an unknown one."""
-        child = self.controller.client(self.name(req))
+        child = self.controller.client(self.client_name(req))
         if child is None:
             raise client_not_exists()
         return child
 
     def start_client(self, req):
-        name = self.name(req)
+        name = self.client_name(req)
         params = {}
         for key, value in req.params.items():
             if isinstance(value, tuple):
@@ -392,10 +377,10 @@ class Api(object):
         return self.controller.start_client(name, params)
 
     def stop_client(self, req):
-        return self.controller.stop_client(self.name(req))
+        return self.controller.stop_client(self.client_name(req))
 
     def check_client(self, req):
-        children = [self.child(req)] if self.name(req, required=False) else self.controller.clients()
+        children = [self.child(req)] if self.client_name(req, required=False) else self.controller.clients()
         return {"code": 0, "client": [self.controller.describe(child) for child in children]}
 
     def get_qrcode(self, req):
@@ -440,12 +425,10 @@ class Api(object):
 ###############################################################################
 
 
-class Server(openqq.Server):
-    """openqq's server (keep-alive, connection cap, TLS) answering with the controller's Api."""
+class Server(ApiServer):
+    """One listen address of the controller (threads controller-<port>, controller-conn-<port>)."""
 
     name = "controller"
-
-
 
 ###############################################################################
 # 5. Controller
@@ -477,22 +460,16 @@ class Controller(object):
         self.pid_path = opts["pid_path"] or os.path.join(self.tmpdir, "mojo_webqq_controller_process.pid")
         self.backend_path = opts["backend_path"] or os.path.join(self.tmpdir,
                                                                  "mojo_webqq_controller_backend.json")
-        listen = opts["listen"]
-        listen = [listen] if isinstance(listen, (dict, str)) else list(listen)
-        listen = [parse_listen(e) if isinstance(e, str) else dict({"port": 4000}, **e) for e in listen]
-        server_opts = dict(openqq.OPTIONS, listen=listen)
-        self.entries = openqq.listen_entries(server_opts)
-        openqq.check_protected(self.entries, opts["access_token"], opts["auth"], opts["allow_insecure"])
-        self.server_opts = server_opts
-        self.guard = openqq.Guard(opts["access_token"], opts["auth"], openqq.to_list(opts["allow_origin"]),
-                                  self.log)
+        self.entries = listen_entries(opts["listen"], default_port=4000)
+        check_protected(self.entries, opts["access_token"], opts["auth"], opts["allow_insecure"], "controller")
+        self.guard = Guard(opts["access_token"], opts["auth"], to_list(opts["allow_origin"]), self.log)
         self.api = Api(self)
         self.lock = threading.RLock()    # guards children, stopping and the registry file
         self.children = collections.OrderedDict()
         self.stopping = []               # children asked to stop, watched until they are gone
         self.servers = []
         self.threads = []
-        self.poller = openqq.Poller(self, self.opts["poll_api"], "controller-poll") if self.opts["poll_api"] else None
+        self.poller = Poller(self, self.opts["poll_api"], "controller-poll") if self.opts["poll_api"] else None
         self.stopped = threading.Event()
         self.own_pid_file = False
 
@@ -503,18 +480,13 @@ class Controller(object):
         self.claim_pid_file()
         try:
             self.adopt()
-            for entry in self.entries:
-                self.servers.append(Server(entry, self.api, self.server_opts, self.log))
+            self.servers = serve(Server, self.entries, self.api, self.log)
         except Exception:
-            for server in self.servers:
-                server.server_close()
             self.release_pid_file()
             raise
-        for server in self.servers:
-            server.start()
         self.spawn_thread("controller-watch", self.watch)
         if self.poller is not None:
-            self.poller.thread.start()
+            self.poller.start()
         self.log.info("controller listening on %s (pid %d)", ", ".join(self.urls), os.getpid())
         return self
 
@@ -821,7 +793,7 @@ class Controller(object):
 
     def owns(self, url):
         """True when url points into this controller's /openqq/ API."""
-        return openqq.points_into(url, self.servers, self.entries)
+        return points_into(url, self.servers)
 
 
 ###############################################################################

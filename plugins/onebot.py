@@ -14,7 +14,7 @@ upstream the Openqq API, post_api and check_event work on top of them, unchanged
 or client.load("onebot", url=..., ...) before run(), or `upstream = onebot` and an [onebot]
 section in webqq.ini. docs/onebot.md explains the settings on both sides.
 
- 1. Constants     options and their defaults, segment placeholders, receiver codes
+ 1. Constants     options and their defaults, segment placeholders
  2. Messages      CQ codes, received segments as Openqq text, Openqq text as segments
  3. API           OneBotApi: calls, and their answers judged alike for every implementation
  4. Receiver      EventReceiver (signed posts, answered at once), Mailbox, Dedup
@@ -27,14 +27,14 @@ import functools
 import hashlib
 import hmac
 import json
-import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
 
-from webqq import (FACES, ApiError, Friend, Group, GroupMember, Http, LoginFailed, NeedRelogin, Stopped,
-                   TrackedHTTPServer, TransportError, Upstream, User, __version__, encode_content, is_loopback,
-                   final_status, json_dumps, parse_listen, to_bool, to_int)
+import webqq
+from webqq import (AUTH_FAILED, BAD_REQUEST, FACES, NOT_RUNNING, OWN_AGENT, ApiError, ApiServer, Friend, Group,
+                   GroupMember, Http, LoginFailed, NeedRelogin, Response, Stopped, TransportError, Upstream,
+                   UpstreamError, User, bad_request, encode_content, final_status, is_loopback, json_dumps,
+                   parse_listen, to_bool, to_int)
 
 ###############################################################################
 # 1. Constants
@@ -90,9 +90,6 @@ NOTICES = frozenset(("group_increase", "group_decrease", "group_admin", "group_c
 GROUP_ROLES = {"owner": "create", "admin": "manage", "member": "attend"}
 # Event fields that are numbers, whatever type they arrive as.
 NUMERIC = ("time", "self_id", "user_id", "group_id", "message_id", "operator_id", "target_id", "duration")
-
-# The receiver's refusals, in the Openqq plugin's codes.
-AUTH_FAILED, NOT_READY, BAD_REQUEST = -6, -7, -9
 
 ###############################################################################
 # 2. Messages
@@ -193,11 +190,11 @@ def event_key(event):
 ###############################################################################
 
 
-class ActionFailed(ApiError):
+class ActionFailed(UpstreamError):
     """An action that did not succeed: `code` is its retcode, `http_status` how the answer came."""
 
     def __init__(self, action, retcode, text="", http_status=200):
-        ApiError.__init__(self, retcode, "%s %s" % (action, text) if text else action)
+        UpstreamError.__init__(self, retcode, "%s %s" % (action, text) if text else action)
         self.http_status = http_status
 
 
@@ -213,7 +210,7 @@ class OneBotApi(object):
         self.headers = {"Content-Type": "application/json"}
         if token:
             self.headers["Authorization"] = "Bearer " + token
-        self.http = Http(timeout=timeout, log=log, user_agent="webqq/%s" % __version__)
+        self.http = Http(timeout=timeout, log=log, user_agent=OWN_AGENT)
 
     def call(self, action, timeout=None, **params):
         """The action's data (None when it was only queued); ActionFailed, or TransportError if nothing answered."""
@@ -315,113 +312,78 @@ class Dedup(object):
         return False
 
 
-class EventHandler(BaseHTTPRequestHandler):
-    """One connection from the implementation: each POST is checked, answered at once, and queued."""
+class EventServer(ApiServer):
+    """The receiver's listen address (threads onebot-receiver-<port>, onebot-receiver-conn-<port>)."""
 
-    protocol_version = "HTTP/1.1"
-    server_version = "webqq-onebot/" + __version__
-    sys_version = ""
-    disable_nagle_algorithm = True
-    timeout = 60        # seconds a connection may stay silent
-
-    def do_POST(self):
-        length = to_int(self.headers.get("Content-Length"))
-        if length is None or length < 0:
-            return self.answer(411, BAD_REQUEST, "Content-Length required")
-        if length > self.server.max_body_size:
-            return self.answer(413, BAD_REQUEST, "event over %d bytes" % self.server.max_body_size)
-        body = self.rfile.read(length)
-        if len(body) < length:
-            self.close_connection = True
-            return
-        self.answer(*self.server.receive(self.headers, body))
-
-    def do_GET(self):
-        self.answer(405, BAD_REQUEST, "POST OneBot events here")
-
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
-
-    def answer(self, status, code=None, text=None):
-        if status == 204:
-            self.send_response(204)
-            self.end_headers()
-            return
-        if status in (411, 413):
-            self.close_connection = True     # the body is unread: it must not be taken for a request
-        body = json_dumps({"code": code, "status": text}).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own refusals (a bad request line, headers too long) as JSON."""
-        self.close_connection = True
-        self.answer(code, BAD_REQUEST, message or self.responses.get(code, ("error",))[0])
-
-    def log_message(self, fmt, *args):
-        self.server.log.debug("onebot receiver %s %s", self.address_string(), fmt % args)
+    name = "onebot-receiver"
+    body_name = "event"
+    length_required = True
 
 
-class EventReceiver(TrackedHTTPServer):
+class EventReceiver(webqq.Api):
     """Where the implementation POSTs events: signature and self id checked, 204 at once, queued in order."""
 
     name = "onebot-receiver"
 
     def __init__(self, entry, secret, max_body_size, accept, log):
+        webqq.Api.__init__(self, None, log)       # no token or browser rules: every post is signed
         self.secret = secret.encode("utf-8") if secret else None
-        self.max_body_size = max_body_size
         self.accept = accept
-        self.log = log
         self.self_id = None        # the account events must come from; None until login
         self.refused = 0
-        TrackedHTTPServer.__init__(self, (entry["host"], entry["port"]), EventHandler)
+        self.server = EventServer(entry, self, log, {"max_body_size": max_body_size})
 
     @property
     def url(self):
-        host, port = self.server_address[:2]
+        host, port = self.server.server_address[:2]
         return "http://%s:%d/" % ("[%s]" % host if ":" in host else host, port)
 
-    def receive(self, headers, body):
-        """(HTTP status, code, text) for one event post; a good one is queued before it is answered."""
-        refusal = self.check(headers, body)
-        if refusal is not None:
-            self.refused += 1
-            self.log.warning("onebot: refused an event post: %s", refusal[2])
-            return refusal
+    def start(self):
+        self.server.start()
+
+    def close(self):
+        self.server.close()
+
+    def route(self, req):
+        if req.method != "POST":
+            raise ApiError(405, BAD_REQUEST, "POST OneBot events here")
+        return self.receive
+
+    def receive(self, req):
+        """204 for an event post that is queued (before it is answered), else the refusal."""
+        self.check_signature(req)
         try:
-            event = json.loads(body.decode("utf-8"))
+            event = json.loads(req.body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
-            return 400, BAD_REQUEST, "the body is not JSON"
+            raise bad_request("the body is not JSON")
         if not isinstance(event, dict):
-            return 400, BAD_REQUEST, "an event is a JSON object"
+            raise bad_request("an event is a JSON object")
         if self.self_id is None:
-            return 503, NOT_READY, "not logged in yet"
-        header = headers.get("X-Self-ID")
+            raise ApiError(503, NOT_RUNNING, "not logged in yet")
+        header = req.headers.get("x-self-id")
         if to_int(event.get("self_id")) != self.self_id or (header is not None and to_int(header) != self.self_id):
             self.refused += 1
             self.log.warning("onebot: refused an event of account %s (X-Self-ID %s)", event.get("self_id"), header)
-            return 403, AUTH_FAILED, "wrong self id"
+            raise ApiError(403, AUTH_FAILED, "wrong self id")
         if not self.accept(event):
-            return 503, NOT_READY, "event queue full"
-        return 204, None, None
+            raise ApiError(503, NOT_RUNNING, "event queue full")
+        return Response(b"", 204)
 
-    def check(self, headers, body):
-        """A refusal when a secret is set and X-Signature is not the HMAC-SHA1 of the body, else None."""
+    def check_signature(self, req):
+        """ApiError when a secret is set and X-Signature is not the HMAC-SHA1 of the body."""
         if self.secret is None:
-            return None
-        given = headers.get("X-Signature")
+            return
+        given = req.headers.get("x-signature")
         if not given:
-            return 401, AUTH_FAILED, "signature missing"
-        expected = "sha1=" + hmac.new(self.secret, body, hashlib.sha1).hexdigest()
-        if not hmac.compare_digest(given.strip().lower().encode("latin-1", "replace"), expected.encode("ascii")):
-            return 403, AUTH_FAILED, "signature mismatch"
-        return None
-
-
-    def handle_error(self, request, client_address):
-        self.log.debug("onebot receiver: connection from %s ended: %s", client_address[0], sys.exc_info()[1])
+            refusal = ApiError(401, AUTH_FAILED, "signature missing")
+        else:
+            expected = "sha1=" + hmac.new(self.secret, req.body, hashlib.sha1).hexdigest()
+            if hmac.compare_digest(given.strip().lower().encode("latin-1", "replace"), expected.encode("ascii")):
+                return
+            refusal = ApiError(403, AUTH_FAILED, "signature mismatch")
+        self.refused += 1
+        self.log.warning("onebot: refused an event post: %s", refusal)
+        raise refusal
 
 
 ###############################################################################

@@ -7,42 +7,31 @@
 Every route of the original answers with the original's JSON (key sets, types, codes, status
 strings); docs/openqq.md lists the options, the routes and where we deliberately differ.
 
- 1. Constants     options and their defaults, request-level codes
- 2. Requests      Request, Response, ApiError; parameters from query, form, multipart, JSON
- 3. Security      access token, auth callback, cross-site refusal, JSONP names, protected mode
- 4. Event hub     check_event: bounded queue drained whole, long-poll, cursor mode
- 5. Reporter      post_api: worker threads, bounded queue, retries, signature, reply/shutup
- 6. Routes        Api: the Openqq routes against the Client contract
- 7. Server        a TrackedHTTPServer per listen entry, keep-alive, TLS, connection cap
- 8. Poller        the poll_api loop, following redirects into this server's own API
- 9. Plugin        Openqq (the object call() returns) and call(client, **options)
+ 1. Constants     options and their defaults, which parameters are whose
+ 2. Event hub     check_event: bounded queue drained whole, long-poll, cursor mode
+ 3. Reporter      post_api: worker threads, bounded queue, retries, signature, reply/shutup
+ 4. Routes        Api: the Openqq routes against the Client contract
+ 5. Plugin        Openqq (the object call() returns) and call(client, **options)
+
+The HTTP machinery (servers, requests, the guard, parked long-polls, poll_api) is webqq.py's
+section "HTTP API", shared with the console, the controller and OneBot's event receiver.
 """
 
 import base64
 import collections
-import email.parser
-import email.policy
 import hashlib
 import hmac
-import http.cookiejar
-import ipaddress
 import itertools
 import json
-import logging
 import re
-import selectors
-import socket
-import ssl
-import struct
 import sys
 import threading
 import time
-from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler
-from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
-from webqq import (Http, TrackedHTTPServer, TransportError, __version__, is_loopback, json_dumps, parse_listen, to_bool,
-                   to_int)
+import webqq
+from webqq import (NOT_FOUND, NOT_RUNNING, OWN_AGENT, ApiError, ApiServer, Guard, Http, Poller, Response,
+                   TransportError, bad_request, check_protected, json_dumps, listen_entries, points_into, serve,
+                   to_bool, to_int, to_list)
 
 ###############################################################################
 # 1. Constants
@@ -60,9 +49,9 @@ OPTIONS = {
     "allow_insecure": False,
     "allow_origin": (),
     "tls_cert": None, "tls_key": None, "tls_ca": None, "tls_ciphers": None,
-    "request_timeout": 60,
-    "max_body_size": 1048576,
-    "max_connections": 2000,
+    "request_timeout": ApiServer.request_timeout,
+    "max_body_size": ApiServer.max_body_size,
+    "max_connections": ApiServer.max_connections,
     "post_api": None,
     "post_event": True,
     "post_event_list": DEFAULT_EVENTS,
@@ -122,337 +111,13 @@ RESERVED = frozenset(("datatype", "callback", "async", "client", "access_token",
 # The 1.x names search_group still answers to (the original's Group AUTOLOAD).
 GROUP_ALIASES = {"gname": "name", "gnumber": "uid", "gtype": "role"}
 
-# Request-level codes. -6 is the original's auth failure, -7 design.md's "client not running";
-# the others are ours, for requests the original answered with HTML or not at all.
-AUTH_FAILED = -6
-NOT_RUNNING = -7
-NOT_FOUND = -8
-BAD_REQUEST = -9
-INTERNAL_ERROR = -10
-
-CORS_METHODS = "OPTIONS, HEAD, GET, POST"
-CORS_HEADERS = "X-Requested-With, X-Auth-Token, Content-Type, Content-Length, Authorization"
-JSONP_NAME = re.compile(r"^[A-Za-z0-9_.$]{1,128}$")
-QUERY_PAIR = re.compile(r"([?&;])([^=&;\s\"'#]*)(=?)([^&;\s\"'#]*)")
-
-
-def to_list(value):
-    """A list option given as a list, a tuple, or a comma/space separated string."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [item for item in re.split(r"[\s,]+", value) if item]
-    return list(value)
-
-
 def perl_true(value):
     """A request parameter's truth as the original reads it: "" and "0" are false."""
     return value is not None and value not in ("", "0")
 
 
-def redact(text):
-    """text with the value of every query parameter whose name, percent-decoded, mentions a token
-    (access_token, %61ccess_token, ACCESS_TOKEN...) masked, for log lines."""
-    def mask(match):
-        sep, name, equals = match.group(1, 2, 3)
-        if "token" not in unquote_to_bytes(name).decode("latin-1").lower():
-            return match.group(0)
-        return sep + (name + "=***" if equals else "***")     # no "=": an encoded one may hide the value
-    return QUERY_PAIR.sub(mask, text)
-
-
 ###############################################################################
-# 2. Requests
-###############################################################################
-
-
-class ApiError(Exception):
-    """A request the API refuses: the HTTP status, the Openqq code and a readable status."""
-
-    def __init__(self, http_status, code, status, headers=(), **extra):
-        Exception.__init__(self, status)
-        self.http_status = http_status
-        self.body = dict(extra, code=code, status=status)
-        self.headers = list(headers)
-
-    def response(self):
-        return Response(json_dumps(self.body).encode("utf-8"), self.http_status, self.headers)
-
-
-def bad_request(status, http_status=400):
-    return ApiError(http_status, BAD_REQUEST, status)
-
-
-class Response(object):
-    """What the API answers: body bytes, HTTP status, headers, and what to do if it can't be delivered.
-
-    `wait_for` = (ready, seconds) is no answer yet: ask again once ready() is true or seconds passed.
-    """
-
-    __slots__ = ("body", "status", "headers", "content_type", "undelivered", "wait_for")
-
-    def __init__(self, body, status=200, headers=(), content_type="application/json; charset=utf-8"):
-        self.body = body
-        self.status = status
-        self.headers = list(headers)
-        self.content_type = content_type
-        self.undelivered = None
-        self.wait_for = None
-
-
-class Request(object):
-    """One API call as the routes see it, whether it came over HTTP or from a poll_api redirect.
-
-    `parkable`: a long-poll may answer wait_for instead of waiting on this thread (see Parker);
-    `wait`: seconds it may still wait, when not the route's own timeout; `query` and `body`: as they
-    came, for a proxy to pass on.
-    """
-
-    __slots__ = ("method", "path", "params", "headers", "scheme", "alive", "trusted", "parkable", "wait",
-                 "query", "body")
-
-    def __init__(self, method, path, params, headers=None, scheme="http", alive=None, trusted=False,
-                 query="", body=b""):
-        self.method = method
-        self.path = path
-        self.params = params
-        self.headers = headers or {}
-        self.scheme = scheme
-        self.alive = alive or (lambda: True)
-        self.trusted = trusted
-        self.parkable = False
-        self.wait = None
-        self.query = query
-        self.body = body
-
-    def param(self, name):
-        """The parameter's value (the first one if it was repeated), or None."""
-        value = self.params.get(name)
-        return value[0] if isinstance(value, tuple) else value
-
-
-def unquote(raw, charset):
-    """Percent-decode every byte of a query or form component, '+' read as a space."""
-    data = unquote_to_bytes(raw.replace(b"+", b" "))
-    try:
-        return data.decode(charset)
-    except UnicodeDecodeError:
-        raise bad_request("parameters must be %s (percent-encoded or not)" % charset.upper())
-
-
-def add_param(params, name, value):
-    """Store a parameter; a repeated name keeps every value in a tuple."""
-    if name in params:
-        old = params[name]
-        params[name] = (old if isinstance(old, tuple) else (old,)) + (value,)
-    else:
-        params[name] = value
-
-
-def json_value(value):
-    """A JSON body's value as parameter text: true/false as 1/0, lists joined with commas."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, (int, float, str)):
-        return str(value)
-    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
-        return ",".join(json_value(v) for v in value)
-    raise bad_request("JSON parameters must be strings, numbers, booleans or lists of those")
-
-
-def header_param(header, name):
-    """A parameter of a header value such as Content-Type's charset or boundary."""
-    match = re.search(r";\s*%s=\"?([^\";]+)\"?" % name, header or "", re.I)
-    return match.group(1).strip() if match else None
-
-
-def parse_params(query, content_type, body):
-    """Parameters of a request: the query pairs, then the body's (form, multipart or JSON)."""
-    params = {}
-    for piece in query.split(b"&"):
-        if piece:
-            name, _, value = piece.partition(b"=")
-            add_param(params, unquote(name, "utf-8"), unquote(value, "utf-8"))
-    if not body:
-        return params
-    mime = (content_type or "").split(";")[0].strip().lower()
-    charset = header_param(content_type, "charset") or "utf-8"
-    try:
-        "".encode(charset)
-    except (LookupError, ValueError):       # ValueError: the "undefined" codec, a NUL in the name
-        raise bad_request("unknown charset %s" % charset[:40])
-    if mime == "application/json" or (not mime and body.lstrip()[:1] == b"{"):
-        try:
-            data = json.loads(body.decode(charset))
-        except (ValueError, RecursionError):    # RecursionError: arrays nested thousands deep
-            raise bad_request("the body is not valid JSON in %s" % charset.upper())
-        if not isinstance(data, dict):
-            raise bad_request("a JSON body must be an object")
-        for name, value in data.items():
-            if value is not None:
-                add_param(params, name, json_value(value))
-    elif mime == "multipart/form-data":
-        for name, value in multipart_pairs(content_type, body, charset):
-            add_param(params, name, value)
-    elif mime in ("application/x-www-form-urlencoded", ""):
-        for piece in body.split(b"&"):
-            if piece.strip():
-                name, _, value = piece.strip().partition(b"=")
-                add_param(params, unquote(name, charset), unquote(value, charset))
-    return params
-
-
-def multipart_pairs(content_type, body, charset):
-    """(name, text) of each field of a multipart/form-data body."""
-    head = ("Content-Type: %s\r\n\r\n" % content_type).encode("latin-1", "replace")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart():
-        raise bad_request("a multipart body needs its boundary")
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if name is None:
-            continue
-        data = part.get_payload(decode=True) or b""
-        try:
-            yield str(name), data.decode(part.get_content_charset() or charset)
-        except (ValueError, LookupError):
-            raise bad_request("multipart field %s is not %s" % (str(name)[:40], charset.upper()))
-
-
-###############################################################################
-# 3. Security
-###############################################################################
-
-
-def points_into(url, servers, entries):
-    """True when url points into the /openqq/ API of these servers (each with its listen entry)."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return False
-    if parts.scheme not in ("http", "https") or not parts.path.startswith("/openqq/"):
-        return False
-    host = (parts.hostname or "").lower()
-    return any(server.port == port and (parts.scheme == "https") == (server.tls is not None)
-               and (is_loopback(host) or host == entry["host"].lower())
-               for server, entry in zip(servers, entries))
-
-
-def url_origin(url):
-    """scheme://host[:port] of a URL, lower-cased, or None."""
-    try:
-        parts = urlsplit(url or "")
-    except ValueError:
-        return None
-    if not parts.scheme or not parts.netloc:
-        return None
-    return "%s://%s" % (parts.scheme.lower(), parts.netloc.lower())
-
-
-class Guard(object):
-    """Who may call: the access token, the auth callback, and the browser cross-site rules."""
-
-    def __init__(self, token, auth, allow_origin, log):
-        self.token = token.encode("utf-8") if token else None
-        self.auth = auth
-        self.allow_origin = frozenset(o.rstrip("/").lower() for o in allow_origin)
-        self.log = log
-
-    def check(self, req):
-        """Raise ApiError(403) unless req may go on."""
-        if req.trusted:
-            return
-        if not self.site_ok(req):
-            raise ApiError(403, AUTH_FAILED, "cross-site request refused")
-        if self.token is not None and not self.token_ok(req):
-            raise ApiError(403, AUTH_FAILED, "auth failure")
-        if self.auth is not None:
-            try:
-                ok = self.auth(dict(req.params), req)
-            except Exception as e:
-                self.log.warning("openqq auth callback failed: %s", e)
-                ok = False
-            if not ok:
-                raise ApiError(403, AUTH_FAILED, "auth failure")
-
-    def token_ok(self, req):
-        given = req.params.get("access_token")
-        if given is None:
-            scheme, _, value = req.headers.get("authorization", "").strip().partition(" ")
-            if scheme.lower() in ("bearer", "token"):
-                given = value.strip()
-        if not isinstance(given, str):
-            return False
-        return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), self.token)   # JSON may hold lone surrogates
-
-    def allowed(self, origin):
-        return origin is not None and ("*" in self.allow_origin or origin in self.allow_origin)
-
-    def site_ok(self, req):
-        """False for what a browser marks cross-site, or sends with a foreign Origin, unless allowed;
-        and, when no token guards the API, for a browser's request to a name that isn't localhost's:
-        a page whose name was made to resolve to 127.0.0.1 (DNS rebinding) is same-origin to it."""
-        if self.token is None and self.auth is None and self.from_browser(req) and not self.local_host(req):
-            return False
-        origin = req.headers.get("origin")
-        if origin is not None:
-            origin = origin.rstrip("/").lower()
-            return origin == self.own_origin(req) or self.allowed(origin)
-        if req.headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site"):
-            return self.allowed(url_origin(req.headers.get("referer")))
-        return True
-
-    @staticmethod
-    def from_browser(req):
-        return "sec-fetch-site" in req.headers or req.headers.get("user-agent", "").startswith("Mozilla/")
-
-    def local_host(self, req):
-        """True when the Host header is an IP address, localhost, absent, or the host of an allowed origin."""
-        host = req.headers.get("host", "").strip().lower()
-        name = re.sub(r":\d*$", "", host).strip("[]")
-        if not name or name == "localhost" or name.endswith(".localhost"):
-            return True
-        try:
-            ipaddress.ip_address(name.split("%")[0])
-            return True
-        except ValueError:
-            return self.allowed(url_origin("%s://%s" % (req.scheme, host)))
-
-    @staticmethod
-    def own_origin(req):
-        return "%s://%s" % (req.scheme, req.headers.get("host", "").lower())
-
-    def cors_headers(self, req, preflight=False):
-        """The Access-Control-* headers for an allowed browser request."""
-        origin = req.headers.get("origin")
-        if "*" in self.allow_origin:
-            origin = "*"
-        elif origin is None or not (origin.rstrip("/").lower() == self.own_origin(req)
-                                    or self.allowed(origin.rstrip("/").lower())):
-            return []
-        headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
-        if preflight:
-            headers += [("Access-Control-Allow-Methods", CORS_METHODS),
-                        ("Access-Control-Allow-Headers", CORS_HEADERS),
-                        ("Access-Control-Max-Age", "600")]
-        return headers
-
-
-def check_protected(entries, token, auth, allow_insecure):
-    """Protected mode: refuse a listen address beyond loopback when nothing guards it."""
-    exposed = [e["host"] or "*" for e in entries if not is_loopback(e["host"], resolve=True)]
-    if exposed and not token and auth is None and not allow_insecure:
-        raise ValueError(
-            "openqq refuses to listen on %s without access_token (protected mode): set "
-            "access_token, listen on 127.0.0.1, or set allow_insecure=1 if a firewall or "
-            "proxy guards the port" % ", ".join(exposed))
-
-
-###############################################################################
-# 4. Event hub
+# 2. Event hub
 ###############################################################################
 
 
@@ -544,28 +209,8 @@ class EventHub(object):
             self._changed()
 
 
-def peer_alive(sock):
-    """False once the peer has closed or reset the connection; reads nothing."""
-    timeout = sock.gettimeout()
-    try:
-        sock.settimeout(0)
-        # socket.socket.recv peeks at the TCP stream below the SSL layer; there a waiting
-        # TLS alert record (type 21) is the close_notify of a client that hung up.
-        data = socket.socket.recv(sock, 1, socket.MSG_PEEK)
-        return data != b"" and not (data == b"\x15" and isinstance(sock, ssl.SSLSocket))
-    except (BlockingIOError, ssl.SSLWantReadError):
-        return True
-    except (OSError, ValueError):
-        return False
-    finally:
-        try:
-            sock.settimeout(timeout)
-        except OSError:
-            pass
-
-
 ###############################################################################
-# 5. Reporter
+# 3. Reporter
 ###############################################################################
 
 Report = collections.namedtuple("Report", "body post_type msg")
@@ -576,13 +221,6 @@ def describe(report):
     if report.msg is not None:
         return "%s %s" % (report.post_type, report.msg.id)
     return "event %s" % json.loads(report.body.decode("utf-8")).get("event")
-
-
-def outgoing(log):
-    """The core's Http for post_api and poll_api: no cookies shared with the upstream, no redirects."""
-    return Http(jar=http.cookiejar.CookieJar(), log=log, user_agent="webqq/%s" % __version__)
-
-
 
 
 class Reporter(object):
@@ -597,7 +235,7 @@ class Reporter(object):
         self.retries = opts["post_retries"]
         self.backoff = opts["post_retry_backoff"]
         self.capacity = opts["post_queue_size"]
-        self.http = outgoing(log)
+        self.http = Http(log=log, user_agent=OWN_AGENT)
         self.lock = threading.Lock()
         self.queues = [collections.deque() for _ in range(opts["post_workers"])]
         self.conds = [threading.Condition(self.lock) for _ in self.queues]
@@ -739,7 +377,7 @@ def _number(value):
 
 
 ###############################################################################
-# 6. Routes
+# 4. Routes
 ###############################################################################
 
 
@@ -769,9 +407,11 @@ def not_found(code, what):
     return {"code": code, "id": None, "status": "%s not found" % what}
 
 
-class Api(object):
+class Api(webqq.Api):
     """The Openqq routes: parameters in, the original's JSON out, against the Client contract."""
 
+    name = "openqq"
+    jsonp = True
     # path: (methods, needs a running client, handler)
     ROUTES = {
         "/openqq/get_user_info": ("GET", True, "get_user_info"),
@@ -794,53 +434,33 @@ class Api(object):
     }
 
     def __init__(self, plugin):
+        webqq.Api.__init__(self, plugin.guard, plugin.log)
         self.plugin = plugin
         self.client = plugin.client
         self.contacts = plugin.client.contacts
-        self.guard = plugin.guard
-        self.log = plugin.log
         self.cache = {}
         self.cache_lock = threading.Lock()
         self.events_answer = (None, b"[]")     # the last cursor-mode answer: many readers ask the same
 
-    def handle(self, req):
-        """Answer one request; never raises."""
-        callback = None
-        try:
-            self.guard.check(req)
-            if req.method == "OPTIONS":
-                return Response(b"", 200, self.guard.cors_headers(req, preflight=True))
-            route = self.ROUTES.get(req.path) or self.mounted(req.path)
-            method = "GET" if req.method == "HEAD" else req.method
-            if route is None or method not in route[0].split():
-                raise ApiError(403, NOT_FOUND, "api not found")
-            if req.param("datatype") == "jsonp":
-                callback = req.param("callback") or "jsoncallback%d" % time.time()
-                if not JSONP_NAME.match(callback):
-                    callback = None
-                    raise bad_request("callback must match [A-Za-z0-9_.$]{1,128}")
-            if route[1] and self.client.state != "running":
-                raise self.not_running()
-            result = (route[2] if callable(route[2]) else getattr(self, route[2]))(req)
-            resp = result if isinstance(result, Response) else Response(
-                result if isinstance(result, bytes) else json_dumps(result).encode("utf-8"))
-        except ApiError as e:
-            resp = e.response()
-        except Exception:
-            self.log.exception("openqq %s failed", req.path)
-            resp = ApiError(500, INTERNAL_ERROR, "internal error").response()
-        if callback is not None:
-            resp.body = b"%s(%s)" % (callback.encode("ascii"), resp.body)
-            resp.content_type = "application/javascript; charset=utf-8"
-        resp.headers.extend(self.guard.cors_headers(req))
-        return resp
+    def route(self, req):
+        """A route's handler, or a handler another plugin mounted on a prefix of the path (Openqq.mount)."""
+        method = "GET" if req.method == "HEAD" else req.method
+        route = self.ROUTES.get(req.path)
+        if route is None:
+            route = next((("GET POST", False, handler) for prefix, handler in self.plugin.mounts
+                          if req.path.startswith(prefix)), None)
+        if route is None or method not in route[0].split():
+            raise ApiError(403, NOT_FOUND, "api not found")
+        _, needs_running, handler = route
+        handler = handler if callable(handler) else getattr(self, handler)
+        if not needs_running:
+            return handler
+        return lambda req: self.when_running(handler, req)
 
-    def mounted(self, path):
-        """The route of a handler another plugin mounted on a prefix of path (Openqq.mount), or None."""
-        for prefix, handler in self.plugin.mounts:
-            if path.startswith(prefix):
-                return ("GET POST", False, handler)
-        return None
+    def when_running(self, handler, req):
+        if self.client.state != "running":
+            raise self.not_running()
+        return handler(req)
 
     def not_running(self):
         state = self.client.state
@@ -1070,615 +690,14 @@ class Api(object):
 
 
 ###############################################################################
-# 7. Server
+# 5. Plugin
 ###############################################################################
 
 
-def send_gathered(sock, head, body):
-    """sock.sendall(head + body) without building head + body: one system call for both if it can."""
-    sent = sock.sendmsg([head, body])
-    if sent < len(head):
-        sock.sendall(head[sent:])
-        sock.sendall(body)
-    else:
-        sock.sendall(memoryview(body)[sent - len(head):])
-
-
-def kernel_timeouts(sock, seconds):
-    """Make sock blocking, each receive and send bounded by seconds in the kernel (POSIX); False where
-    that is not possible. A socket with a Python timeout polls before every call, and each wait gives
-    up the GIL: under many connections, each taking it back costs more than the call itself."""
-    if not hasattr(socket, "SO_RCVTIMEO") or not hasattr(sock, "sendmsg"):    # not on Windows
-        return False
-    whole = int(seconds)
-    timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        sock.settimeout(None)
-    except (OSError, struct.error):
-        return False
-    return True
-
-
-class Handler(BaseHTTPRequestHandler):
-    """One connection: reads requests, hands them to the Api, writes the answers; keep-alive."""
-
-    protocol_version = "HTTP/1.1"
-    server_version = "webqq/" + __version__
-    sys_version = ""
-    disable_nagle_algorithm = True
-
-    def setup(self):
-        self.timeout = self.server.request_timeout
-        if self.server.tls is not None:
-            self.request.settimeout(self.timeout)
-            self.request = self.server.tls.wrap_socket(self.request, server_side=True)
-            self.server.track(self.request)
-        BaseHTTPRequestHandler.setup(self)
-        blocking = self.server.tls is None and kernel_timeouts(self.connection, self.timeout)
-        self.socket_timeout = None if blocking else self.timeout     # the mode buffered() restores
-
-    def finish(self):
-        self.server.awaiting(self.connection, None)
-        try:
-            BaseHTTPRequestHandler.finish(self)
-        finally:
-            if self.server.tls is not None:
-                self.request.close()
-
-    def handle_one_request(self):
-        self.server.awaiting(self.connection, self.timeout)    # the whole request must arrive in time
-        BaseHTTPRequestHandler.handle_one_request(self)
-
-    def parse_request(self):
-        """http.server's, after the empty lines a client may send before a request (RFC 9112 2.2);
-        a request line of blanks gets 400 instead of a silent close."""
-        for _ in range(4):
-            if self.raw_requestline not in (b"\r\n", b"\n"):
-                break
-            self.raw_requestline = self.rfile.readline(65537)
-        if self.raw_requestline.strip() and len(self.raw_requestline) <= 65536:
-            return BaseHTTPRequestHandler.parse_request(self)
-        self.command = self.requestline = self.request_version = ""
-        self.close_connection = True
-        if self.raw_requestline:
-            self.send_error(414 if len(self.raw_requestline) > 65536 else 400)
-        return False
-
-    def do_GET(self):
-        try:
-            req = self.read_request()
-            resp = self.server.api.handle(req)
-        except ApiError as e:
-            self.close_connection = True     # the body may be unread: don't parse it as a request
-            resp = e.response()
-        if resp.wait_for is not None:
-            if not self.buffered():
-                self.park(req, *resp.wait_for)
-                return
-            req.parkable, req.trusted = False, True      # a next request is already here: wait on this thread
-            resp = self.server.api.handle(req)
-        self.send(resp)
-
-    def buffered(self):
-        """True when bytes of a next request already sit in this connection's read buffer."""
-        self.connection.settimeout(0)
-        try:
-            return bool(self.rfile.peek(1))
-        except OSError:
-            return False
-        finally:
-            self.connection.settimeout(self.socket_timeout)
-
-    def park(self, req, ready, timeout):
-        """Leave req to the server's Parker: this thread ends and the connection waits without one."""
-        entry = Parked(self, req, ready, timeout)
-        with self.server.connections_lock:
-            self.server.parking[self.connection] = entry
-        self.close_connection = True
-
-    do_POST = do_HEAD = do_OPTIONS = do_PUT = do_DELETE = do_PATCH = do_GET
-
-    def read_request(self):
-        target = self.path
-        if target.startswith(("http://", "https://")):
-            target = target.split("/", 3)[3] if target.count("/") >= 3 else ""
-            target = "/" + target
-        path, _, query = target.partition("?")
-        headers = self.header_dict()
-        try:
-            body = self.read_body(headers)
-        finally:
-            self.server.awaiting(self.connection, None)
-        params = parse_params(query.partition("#")[0].encode("latin-1"), headers.get("content-type"), body)
-        scheme = "https" if self.server.tls is not None else "http"
-        connection = self.connection
-        req = Request(self.command, path, params, headers, scheme, lambda: peer_alive(connection),
-                      query=query.partition("#")[0], body=body)
-        req.parkable = self.server.parker is not None
-        return req
-
-    FRAMING = ("content-length", "transfer-encoding")
-
-    def header_dict(self):
-        """The request's headers by lowercase name (the last of repeated ones); two different
-        Content-Length or Transfer-Encoding values are refused: proxies may each believe another."""
-        headers = {}
-        for name, value in self.headers.items():
-            key = name.lower()
-            if key in self.FRAMING and headers.get(key, value) != value:
-                raise bad_request("conflicting %s headers" % name)
-            headers[key] = value
-        return headers
-
-    def read_body(self, headers):
-        """The body after headers (header_dict()), as Content-Length or chunked framing says."""
-        limit = self.server.max_body_size
-        coding = headers.get("transfer-encoding", "").strip().lower()
-        if coding and coding != "identity":
-            if coding != "chunked":
-                raise bad_request("unsupported Transfer-Encoding", 400)
-            return self.read_chunked(limit)
-        length = headers.get("content-length")
-        if length is None:
-            return b""
-        size = to_int(length)
-        if size is None or size < 0:
-            raise bad_request("invalid Content-Length")
-        if size > limit:
-            raise bad_request("request body over %d bytes" % limit, 413)
-        body = self.rfile.read(size) or b""     # None: the kernel timeout ended the wait
-        if len(body) < size:
-            raise bad_request("request body shorter than its Content-Length")
-        return body
-
-    def read_chunked(self, limit):
-        chunks, total = [], 0
-        while True:
-            line = self.rfile.readline(1026)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                size = -1
-            if size < 0:                    # read(-1) would wait for the end of the connection
-                raise bad_request("invalid chunked body")
-            if size == 0:
-                break
-            total += size
-            if total > limit:
-                raise bad_request("request body over %d bytes" % limit, 413)
-            chunks.append(self.rfile.read(size) or b"")
-            self.rfile.readline(3)
-        while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-            pass
-        return b"".join(chunks)
-
-    def answer(self, resp):
-        """(head, body): the bytes this connection sends for resp."""
-        body = b"" if self.command == "HEAD" else resp.body
-        lines = ["HTTP/1.1 %d %s" % (resp.status, self.responses.get(resp.status, ("",))[0]),
-                 "Server: " + self.server_version,
-                 "Date: " + self.server.date(),
-                 "Content-Type: " + resp.content_type,
-                 "Content-Length: %d" % len(resp.body),
-                 "X-Content-Type-Options: nosniff"]
-        lines.extend("%s: %s" % pair for pair in resp.headers)
-        if self.close_connection:
-            lines.append("Connection: close")
-        elif getattr(self, "request_version", "") == "HTTP/1.0":
-            lines.append("Connection: keep-alive")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace"), body
-
-    def send(self, resp):
-        """Write resp; if the caller is gone, let it take its items back."""
-        head, body = self.answer(resp)
-        try:
-            if len(body) <= 65536:
-                self.wfile.write(head + body)
-            elif self.server.tls is None and hasattr(self.connection, "sendmsg"):
-                send_gathered(self.connection, head, body)
-            else:                           # a large body is not copied behind the head
-                self.wfile.write(head)
-                self.wfile.write(body)
-        except OSError:
-            self.close_connection = True
-            if resp.undelivered is not None:
-                resp.undelivered()
-            return
-        self.log_request(resp.status, len(body))
-
-    # http.server answers an unknown method 501 and an HTTP/2+ request line 505: both are the
-    # caller's mistakes, not failures of this server, so they get a 4xx.
-    REFUSALS = {501: 405, 505: 400}
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own refusals (bad request line, headers too long...) as JSON."""
-        self.server.awaiting(self.connection, None)
-        self.close_connection = True
-        status = message or self.responses.get(code, ("error",))[0]
-        error = bad_request(status, self.REFUSALS.get(code, code))
-        if code == 501:
-            error.headers.append(("Allow", "OPTIONS, HEAD, GET, POST"))
-        self.send(error.response())
-
-    def log_message(self, fmt, *args):
-        if self.server.log.isEnabledFor(logging.DEBUG):     # formatting every request line costs
-            self.server.log.debug("openqq %s %s", self.address_string(), redact(fmt % args))
-
-
-class Server(TrackedHTTPServer):
-    """One listen address: a thread per connection, capped in number; optional TLS."""
+class Server(ApiServer):
+    """One listen address of the Openqq API (threads openqq-<port>, openqq-conn-<port>, openqq-park-<port>)."""
 
     name = "openqq"
-    request_queue_size = 1024
-
-    def __init__(self, entry, api, opts, log, hub=None):
-        """hub: the EventHub whose check_event long-polls wait parked (without a thread of their own)."""
-        host = entry["host"]
-        self.api = api
-        self.log = log
-        self.tls = tls_context(entry) if entry.get("tls") else None
-        self.request_timeout = opts["request_timeout"]
-        self.max_body_size = opts["max_body_size"]
-        self.max_connections = opts["max_connections"]
-        self.deadlines = {}     # socket -> when its request must have arrived whole (slow-loris guard)
-        self._date = (0, "")
-        TrackedHTTPServer.__init__(self, (host, entry["port"]), Handler)
-        self.parker = Parker(self, hub) if hub is not None and self.tls is None else None
-        self.parking = {}       # socket -> Parked, until its connection thread lets go of the socket
-
-    def start(self):
-        TrackedHTTPServer.start(self)
-        if self.parker is not None:
-            self.parker.thread.start()
-        return self
-
-    @property
-    def url(self):
-        host = self.server_address[0]
-        host = "[%s]" % host if ":" in host else host
-        return "%s://%s:%d" % ("https" if self.tls else "http", host, self.port)
-
-    def date(self):
-        """The Date header, formatted once a second."""
-        now = int(time.time())
-        if self._date[0] != now:
-            self._date = (now, formatdate(now, usegmt=True))
-        return self._date[1]
-
-    def process_request(self, request, client_address):
-        with self.connections_lock:
-            parked = len(self.parker) if self.parker is not None else 0
-            full = len(self.connections) + parked >= self.max_connections
-        if full:
-            self.refuse(request)
-        else:
-            self.spawn(self.process_request_thread, request, client_address)
-
-    def shutdown_request(self, request):
-        with self.connections_lock:
-            entry = self.parking.pop(request, None)
-            if entry is not None:       # counted as parked from now on, no longer as this thread's
-                self.connections.pop(threading.current_thread(), None)
-                self.parker.park(entry)
-        if entry is None:
-            TrackedHTTPServer.shutdown_request(self, request)
-
-    def resume(self, request, client_address, rest=b"", undelivered=None):
-        """Serve a connection the parker held on a thread again, once the rest of its answer is written."""
-        self.spawn(self.resume_thread, request, client_address, rest, undelivered)
-
-    def resume_thread(self, request, client_address, rest, undelivered):
-        try:
-            request.settimeout(self.request_timeout)
-            request.sendall(rest)
-        except OSError:
-            if undelivered is not None:
-                undelivered()
-            TrackedHTTPServer.shutdown_request(self, request)
-            return
-        self.process_request_thread(request, client_address)
-
-    def awaiting(self, sock, timeout):
-        """The request on sock must arrive within timeout seconds from now; None: it has."""
-        with self.connections_lock:
-            if timeout is None:
-                self.deadlines.pop(sock, None)
-            else:
-                self.deadlines[sock] = time.monotonic() + timeout
-
-    def service_actions(self):
-        """Cut connections whose request did not arrive whole in time: a trickle resets no timeout."""
-        now = time.monotonic()
-        with self.connections_lock:
-            late = [sock for sock, deadline in self.deadlines.items() if deadline <= now]
-            for sock in late:
-                del self.deadlines[sock]
-        for sock in late:
-            try:
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)   # below TLS: its thread may be reading
-            except OSError:
-                pass
-
-    def refuse(self, request):
-        if self.tls is None:
-            body = json_dumps({"code": BAD_REQUEST, "status": "too many connections"}).encode()
-            try:
-                request.settimeout(0)
-                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                             b"Connection: close\r\nRetry-After: 1\r\nContent-Length: %d\r\n\r\n%s"
-                             % (len(body), body))
-            except OSError:
-                pass
-        self.shutdown_request(request)
-
-    def handle_error(self, request, client_address):
-        error = sys.exc_info()[1]
-        if isinstance(error, (OSError, ssl.SSLError, ValueError)):
-            self.log.debug("openqq connection from %s ended: %s", client_address[0], error)
-        else:
-            self.log.exception("openqq connection from %s failed", client_address[0])
-
-    def server_close(self):
-        TrackedHTTPServer.server_close(self)
-        if self.parker is not None:
-            self.parker.stop()
-
-
-class Parked(object):
-    """A connection the Parker holds: waiting for its check_event answer (req), or idle (req None)."""
-
-    __slots__ = ("sock", "address", "handler", "req", "ready", "deadline", "keep_alive")
-
-    def __init__(self, handler, req, ready, timeout):
-        self.sock, self.address, self.handler = handler.connection, handler.client_address, handler
-        self.req, self.ready = req, ready
-        self.deadline = time.monotonic() + timeout
-        self.keep_alive = not handler.close_connection
-
-
-class Parker(object):
-    """check_event long-polls waiting without a thread each, answered together by one thread.
-
-    A waiting thread costs little until the event comes; then waking a thousand of them at once
-    keeps the interpreter lock busy for most of a second, while one thread writes a thousand
-    answers in milliseconds. After its answer a connection stays here, idle, until its next
-    request arrives, which gets a thread again. TLS connections wait on their own threads.
-    """
-
-    def __init__(self, server, hub):
-        self.server = server
-        self.hub = hub
-        self.selector = selectors.DefaultSelector()
-        self.wakeup, self.waker = socket.socketpair()
-        for sock in (self.wakeup, self.waker):
-            sock.setblocking(False)
-        self.selector.register(self.wakeup, selectors.EVENT_READ)
-        self.lock = threading.Lock()
-        self.arriving = []
-        self.parked = {}            # socket -> Parked; only the parker's thread changes it
-        self.news = False           # the hub changed: some waiting poller may be ready
-        self.stopping = False
-        self.thread = threading.Thread(target=self.run, name="openqq-park-%d" % server.port, daemon=True)
-        hub.listeners.append(self.notice)
-
-    def __len__(self):
-        return len(self.parked) + len(self.arriving)
-
-    def park(self, entry):
-        with self.lock:
-            self.arriving.append(entry)
-        self.wake()
-
-    def notice(self):
-        with self.lock:
-            self.news = True
-        self.wake()
-
-    def wake(self):
-        try:
-            self.waker.send(b"\0")
-        except OSError:             # its buffer is full (a wake-up is pending anyway), or it is closed
-            pass
-
-    def run(self):
-        while True:
-            with self.lock:
-                if self.stopping:
-                    return
-                arriving, self.arriving = self.arriving, []
-                news, self.news = self.news or bool(arriving), False
-            for entry in arriving:
-                entry.sock.settimeout(0)
-                self.parked[entry.sock] = entry
-                self.selector.register(entry.sock, selectors.EVENT_READ, entry)
-            now = time.monotonic()
-            for entry in [e for e in self.parked.values()
-                          if e.deadline <= now or (news and e.req is not None and e.ready())]:
-                try:
-                    self.due(entry)
-                except Exception:
-                    self.server.log.exception("openqq parked request failed")
-                    self.drop(entry)
-            soonest = min([e.deadline for e in self.parked.values()] or [now + 60])
-            for key, _ in self.selector.select(max(0.0, soonest - time.monotonic())):
-                if key.data is None:
-                    while self.wakeup.recv(4096) == 4096:
-                        pass
-                elif key.data.sock in self.parked:
-                    self.readable(key.data)
-
-    def due(self, entry):
-        """Answer a waiting entry (ready, or its time is up); close an idle one whose time is up."""
-        if entry.req is None:
-            self.drop(entry)                # as a connection thread's read times out
-            return
-        req, entry.req = entry.req, None
-        req.parkable, req.wait, req.trusted = False, 0, True    # it passed the guard when it came
-        resp = self.server.api.handle(req)
-        handler = entry.handler
-        handler.close_connection = not entry.keep_alive
-        data = b"".join(handler.answer(resp))
-        try:
-            sent = entry.sock.send(data)
-        except OSError:
-            if resp.undelivered is not None:
-                resp.undelivered()
-            self.drop(entry)
-            return
-        handler.log_request(resp.status, len(data))
-        if sent < len(data):
-            self.release(entry, data[sent:], resp.undelivered)
-        elif not entry.keep_alive:
-            self.drop(entry)
-        else:
-            entry.deadline = time.monotonic() + self.server.request_timeout
-
-    def readable(self, entry):
-        try:
-            data = entry.sock.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.drop(entry)                # the client hung up: nothing was taken for it
-        elif entry.req is not None:
-            entry.deadline = 0              # a request behind the long-poll: answer it now, then serve on
-        else:
-            self.release(entry)
-
-    def release(self, entry, rest=b"", undelivered=None):
-        """Give the connection back to a thread of the server."""
-        self.selector.unregister(entry.sock)
-        del self.parked[entry.sock]
-        self.server.resume(entry.sock, entry.address, rest, undelivered)
-
-    def drop(self, entry):
-        if self.parked.pop(entry.sock, None) is not None:
-            self.selector.unregister(entry.sock)
-        TrackedHTTPServer.shutdown_request(self.server, entry.sock)
-
-    def stop(self):
-        """End the thread and close every connection held here."""
-        with self.lock:
-            self.stopping = True
-        self.wake()
-        if self.thread.ident is not None and self.thread is not threading.current_thread():
-            self.thread.join()
-        for entry in list(self.parked.values()) + self.arriving:
-            TrackedHTTPServer.shutdown_request(self.server, entry.sock)
-        self.parked.clear()
-        self.arriving = []
-        self.selector.close()
-        self.wakeup.close()
-        self.waker.close()
-        if self.notice in self.hub.listeners:
-            self.hub.listeners.remove(self.notice)
-
-
-def tls_context(entry):
-    """The server-side SSLContext of a TLS listen entry; a CA file makes client certificates required."""
-    if not entry.get("tls_cert") or not entry.get("tls_key"):
-        raise ValueError("openqq: TLS on %s:%s needs tls_cert and tls_key" % (entry["host"], entry["port"]))
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(entry["tls_cert"], entry["tls_key"])
-    if entry.get("tls_ca"):
-        ctx.load_verify_locations(entry["tls_ca"])
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    if entry.get("tls_ciphers"):
-        ctx.set_ciphers(entry["tls_ciphers"])
-    return ctx
-
-
-def listen_entries(opts):
-    """The listen option as a list of {host, port, tls, tls_*} entries."""
-    value = opts["listen"]
-    if value is None:
-        value = [{"host": "127.0.0.1", "port": 5000}]
-    elif isinstance(value, dict):
-        value = [value]
-    elif isinstance(value, (str, int)):
-        value = to_list(str(value))
-    entries = []
-    for item in value:
-        entry = dict(parse_listen(item) if isinstance(item, str) else item)
-        for key in ("tls_cert", "tls_key", "tls_ca", "tls_ciphers"):
-            entry.setdefault(key, opts[key])
-        entry["tls"] = to_bool(entry.get("tls", entry.get("tls_cert") is not None))
-        entry["host"] = str(entry.get("host", "127.0.0.1")).strip("[]")
-        port = to_int(entry.get("port", 443 if entry["tls"] else 5000))
-        if port is None or not 0 <= port <= 65535:
-            raise ValueError("openqq: invalid listen port %r" % entry.get("port"))
-        entry["port"] = port
-        entries.append(entry)
-    return entries
-
-
-###############################################################################
-# 8. Poller
-###############################################################################
-
-
-def call_url(api, url):
-    """GET one of api's own URLs in-process, as a trusted caller."""
-    parts = urlsplit(url)
-    params = parse_params(parts.query.encode("utf-8"), None, b"")
-    return api.handle(Request("GET", parts.path, params, trusted=True, query=parts.query))
-
-
-class Poller(object):
-    """poll_api: GET it forever, poll_interval apart; a redirect into our own API is called in-process.
-
-    plugin (the Openqq plugin, or the controller) has log, opts, stopped, api, owns(url) and
-    polling(): whether to poll now."""
-
-    def __init__(self, plugin, url, name="openqq-poll"):
-        self.plugin = plugin
-        self.url = url
-        self.http = outgoing(plugin.log)
-        self.thread = threading.Thread(target=self.run, name=name, daemon=True)
-
-    def run(self):
-        stopped = self.plugin.stopped
-        while not stopped.is_set():
-            if self.plugin.polling():
-                try:
-                    self.poll()
-                except Exception:
-                    self.plugin.log.exception("poll_api failed")
-            stopped.wait(self.plugin.opts["poll_interval"])
-
-    def poll(self):
-        log = self.plugin.log
-        try:
-            res = self.http.request("GET", self.url, timeout=self.plugin.opts["poll_timeout"], follow=False)
-        except TransportError as e:
-            if not self.plugin.stopped.is_set():
-                log.warning("poll_api %s failed: %s", redact(self.url), e)
-            return
-        status = res.status
-        if status in (301, 302, 303, 307, 308) and res.headers.get("location"):
-            target = urljoin(self.url, res.headers["location"])
-            if not self.plugin.owns(target):
-                log.warning("poll_api redirect to %s not followed: not this server's API", redact(target))
-                return
-            resp = call_url(self.plugin.api, target)
-            log.debug("poll_api called %s: %d %s", redact(target), resp.status, resp.body[:200])
-        elif not 200 <= status < 300:
-            log.warning("poll_api %s answered HTTP %d", redact(self.url), status)
-
-    def stop(self):
-        """Wait for the thread (the plugin's stopped is set), cutting a poll in flight."""
-        while self.thread.is_alive() and self.thread is not threading.current_thread():
-            self.http.abort()       # again: a poll may have begun just after the first abort
-            self.thread.join(0.2)
-
-
-###############################################################################
-# 9. Plugin
-###############################################################################
 
 
 class Openqq(object):
@@ -1688,7 +707,10 @@ class Openqq(object):
         self.client = client
         self.log = client.log.getChild("openqq")
         self.opts = self.read_options(options)
-        self.entries = listen_entries(self.opts)
+        try:
+            self.entries = listen_entries(self.opts["listen"], self.opts)
+        except ValueError as e:
+            raise ValueError("openqq: %s" % e)
         check_protected(self.entries, self.opts["access_token"], self.opts["auth"],
                         self.opts["allow_insecure"])
         self.guard = Guard(self.opts["access_token"], self.opts["auth"], self.opts["allow_origin"], self.log)
@@ -1696,7 +718,7 @@ class Openqq(object):
         self.events = frozenset(self.opts["post_event_list"]) if self.opts["post_event"] else frozenset()
         self.reporter = Reporter(client, self.log, self.opts["post_api"], self.opts) \
             if self.opts["post_api"] else None
-        self.poller = Poller(self, self.opts["poll_api"]) if self.opts["poll_api"] else None
+        self.poller = Poller(self, self.opts["poll_api"], "openqq-poll") if self.opts["poll_api"] else None
         self.api = Api(self)
         self.servers = []
         self.mounts = []  # (path prefix, handler) pairs of other plugins: mount()
@@ -1740,19 +762,12 @@ class Openqq(object):
         return opts
 
     def start(self):
-        try:
-            for entry in self.entries:
-                self.servers.append(Server(entry, self.api, self.opts, self.log, hub=self.hub))
-        except Exception:
-            for server in self.servers:
-                server.server_close()
-            raise
-        for server in self.servers:
-            server.start()
+        self.servers = serve(Server, self.entries, self.api, self.log, self.opts, parking=True)
+        self.hub.listeners.extend(server.notice for server in self.servers)
         if self.reporter is not None:
             self.reporter.start()
         if self.poller is not None:
-            self.poller.thread.start()
+            self.poller.start()
         self.client.on("all_event", self.on_event)
         self.log.info("openqq listening on %s", ", ".join(s.url for s in self.servers))
         return self
@@ -1832,7 +847,7 @@ class Openqq(object):
 
     def owns(self, url):
         """True when url points into this plugin's /openqq/ API."""
-        return points_into(url, self.servers, self.entries)
+        return points_into(url, self.servers)
 
     def polling(self):
         """poll_api is polled while the client is logged in."""
