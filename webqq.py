@@ -75,7 +75,22 @@ except ImportError:  # a locked-down machine: the core still runs on urllib
     requests = None
 
 __version__ = "1.0.0"
-__all__ = ["Client", "Contacts", "Message", "EventEmitter", "Upstream", "SmartQQ", "main"]
+# The plugin API: what plugins and upstreams may use (docs/internals.md describes each name).
+__all__ = [
+    # the client and its upstreams
+    "Client", "EventEmitter", "Upstream", "SmartQQ", "UpstreamError", "LoginFailed", "NeedRelogin", "Stopped",
+    "TransportError", "Http", "Reply", "final_status", "OWN_AGENT",
+    # contacts and messages
+    "Contacts", "User", "Friend", "Group", "GroupMember", "Discuss", "DiscussMember", "Message", "FACES",
+    "FACE_IDS", "encode_content", "flatten_content",
+    # HTTP faces
+    "Api", "ApiServer", "TrackedHTTPServer", "Request", "Response", "ApiError", "bad_request", "Guard",
+    "check_protected", "listen_entries", "parse_listen", "serve", "points_into", "Poller", "AUTH_FAILED",
+    "NOT_RUNNING", "NOT_FOUND", "BAD_REQUEST", "INTERNAL_ERROR",
+    # helpers
+    "json_dumps", "to_int", "to_bool", "to_list", "is_loopback", "atomic_write", "remove_file", "read_pid",
+    "pid_alive", "save_file", "configure_logging", "read_config", "ENV_PREFIX", "main",
+]
 
 ###############################################################################
 # 1. Constants
@@ -180,6 +195,14 @@ def atomic_write(path, data, mode=0o600):
         except OSError:
             pass
         raise
+
+
+def save_file(path, data, log, what, level=logging.ERROR):
+    """atomic_write(path, data); a failure is logged (what: the file, for a person) and the caller goes on."""
+    try:
+        atomic_write(path, data)
+    except OSError as e:
+        log.log(level, "%s写入失败 (cannot write the %s file) %s: %s", *(what + (path, e)))
 
 
 def remove_file(path):
@@ -664,10 +687,7 @@ class Http(object):
         cookies = [{"name": c.name, "value": c.value, "domain": c.domain, "path": c.path,
                     "secure": c.secure, "expires": c.expires,
                     "domain_specified": c.domain_specified} for c in self.jar]
-        try:
-            atomic_write(path, json.dumps(cookies, indent=1))
-        except OSError as e:
-            self.log.error("cookie文件写入失败 (cannot write the cookie file) %s: %s", path, e)
+        save_file(path, json.dumps(cookies, indent=1), self.log, ("cookie文件", "cookie"))
 
     def load_cookies(self, path):
         """Read a jar written by save_cookies; False when there is none, it is unreadable, or it is not ours."""
@@ -1248,44 +1268,22 @@ class UpstreamError(Exception):
 
 
 class Upstream(object):
-    """What a backend implements for the client (docs/internals.md lists the contract)."""
+    """What a backend implements for the client (docs/internals.md gives the contract of each method).
+
+    A subclass defines every method of REQUIRED; logout(), interrupt() and close() may stay as they are.
+    """
 
     name = "upstream"
+    REQUIRED = ("login", "fetch_user", "fetch_friends", "fetch_groups", "fetch_group_detail", "fetch_discusses",
+                "poll", "send", "shutup", "kick")
 
     def __init__(self, client):
+        missing = [name for name in self.REQUIRED if not callable(getattr(self, name, None))]
+        if missing:
+            raise TypeError("upstream %s lacks %s" % (type(self).__name__, ", ".join(missing)))
         self.client = client
         self.log = client.log
         self.uid = None  # the account's QQ number once logged in
-
-    def login(self):
-        raise NotImplementedError
-
-    def fetch_user(self):
-        raise NotImplementedError
-
-    def fetch_friends(self):
-        raise NotImplementedError
-
-    def fetch_groups(self):
-        raise NotImplementedError
-
-    def fetch_group_detail(self, group):
-        raise NotImplementedError
-
-    def fetch_discusses(self):
-        raise NotImplementedError
-
-    def poll(self):
-        raise NotImplementedError
-
-    def send(self, msg):
-        raise NotImplementedError
-
-    def shutup(self, group, members, seconds):
-        raise NotImplementedError
-
-    def kick(self, group, members):
-        raise NotImplementedError
 
     def logout(self):
         """End the session upstream (a relogin starts with this)."""
@@ -2123,10 +2121,7 @@ class Client(EventEmitter):
     def show_qrcode(self, png):
         """A new QR code to scan: write it to qrcode_path and emit input_qrcode."""
         self.qrcode = png
-        try:
-            atomic_write(self.qrcode_path, png)
-        except OSError as e:  # e.g. another user's file of that name in a shared folder
-            self.log.error("二维码文件写入失败 (cannot write the QR file) %s: %s", self.qrcode_path, e)
+        save_file(self.qrcode_path, png, self.log, ("二维码文件", "QR"))   # e.g. another user's file there
         self.log.info("请使用手机QQ扫描二维码 (scan the QR code with the QQ app): %s", self.qrcode_path)
         self.emit("input_qrcode", self.qrcode_path, png)
 
@@ -2194,10 +2189,7 @@ class Client(EventEmitter):
             "os": PERL_OS.get(sys.platform, sys.platform), "upstream": opts["upstream"],
             "plugin": [{"name": name, "priority": 0, "auto_call": 1, "call_on_load": 1}
                        for name, _ in self.plugins]}
-        try:
-            atomic_write(self.state_path, json_dumps(state))
-        except OSError as e:
-            self.log.warning("状态文件写入失败 %s: %s", self.state_path, e)
+        save_file(self.state_path, json_dumps(state), self.log, ("状态文件", "state"), logging.WARNING)
 
     # -- login ----------------------------------------------------------------
 

@@ -41,7 +41,7 @@ from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunspli
 import webqq
 from webqq import (ENV_PREFIX, ApiError, ApiServer, Client, Guard, Poller, Response, atomic_write, bad_request,
                    check_protected, configure_logging, json_dumps, listen_entries, parse_listen, pid_alive,
-                   points_into, read_config, read_pid, remove_file, serve, to_list)
+                   points_into, read_config, read_pid, remove_file, save_file, serve, to_list)
 
 ###############################################################################
 # 1. Constants
@@ -548,10 +548,7 @@ class Controller(object):
     def save(self):
         """Write the registry file (call with the lock held)."""
         data = {"clients": [child.record for child in self.children.values()]}
-        try:
-            atomic_write(self.backend_path, json_dumps(data))
-        except OSError as e:
-            self.log.error("registry %s not written: %s", self.backend_path, e)
+        save_file(self.backend_path, json_dumps(data), self.log, ("控制器注册表", "registry"))
 
     def adopt(self):
         """Take over the registry's clients that still run and answer as themselves."""

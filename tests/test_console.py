@@ -1,6 +1,6 @@
 """The web console (plugins/console.py): its routes over HTTP, and the page in headless Chromium.
 
-Chromium is driven over the DevTools protocol with the small websocket client below; the tests
+Chromium is driven by Playwright (with the machine's Chromium, never a downloaded one); the tests
 that need it are skipped only when no Chromium binary exists.
 """
 import base64
@@ -8,10 +8,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import struct
-import subprocess
-import tempfile
 import threading
 import time
 import urllib.error
@@ -24,7 +20,7 @@ from conftest import scan_and_confirm
 TOKEN = "t0k-en"
 
 
-# -- a headless Chromium driven over the DevTools protocol ---------------------------------
+# -- a headless Chromium driven by Playwright ---------------------------------------------------
 
 def chromium_binary():
     for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome", "headless_shell"):
@@ -34,119 +30,22 @@ def chromium_binary():
     return None
 
 
-class WebSocket(object):
-    """A minimal websocket client (RFC 6455): text frames out, whole messages in."""
-
-    def __init__(self, url, timeout=10.0):
-        rest = url.split("://", 1)[1]
-        hostport, _, path = rest.partition("/")
-        host, _, port = hostport.partition(":")
-        self.sock = socket.create_connection((host, int(port)), timeout)
-        key = base64.b64encode(os.urandom(16)).decode("ascii")
-        self.sock.sendall(("GET /%s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                           "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (path, hostport, key))
-                          .encode("ascii"))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.sock.recv(1)
-            if not chunk:
-                raise ConnectionError("websocket handshake: connection closed")
-            head += chunk
-        if not head.startswith(b"HTTP/1.1 101"):
-            raise ConnectionError("websocket handshake refused: %r" % head[:80])
-
-    def _read(self, n):
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("websocket closed")
-            data += chunk
-        return data
-
-    def _frame(self, opcode, payload):
-        mask = os.urandom(4)
-        n = len(payload)
-        head = struct.pack("!B", 0x80 | opcode)
-        if n < 126:
-            head += struct.pack("!B", 0x80 | n)
-        elif n < 65536:
-            head += struct.pack("!BH", 0x80 | 126, n)
-        else:
-            head += struct.pack("!BQ", 0x80 | 127, n)
-        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-
-    def send(self, text):
-        self._frame(0x1, text.encode("utf-8"))
-
-    def recv(self):
-        message = b""
-        while True:
-            b0, b1 = self._read(2)
-            n = b1 & 0x7F
-            if n == 126:
-                n = struct.unpack("!H", self._read(2))[0]
-            elif n == 127:
-                n = struct.unpack("!Q", self._read(8))[0]
-            payload = self._read(n)
-            opcode = b0 & 0x0F
-            if opcode == 0x9:
-                self._frame(0xA, payload)
-                continue
-            if opcode == 0x8:
-                raise ConnectionError("websocket closed by the browser")
-            message += payload
-            if b0 & 0x80:
-                return message.decode("utf-8")
-
-    def close(self):
-        self.sock.close()
-
-
 class Chromium(object):
-    """A headless Chromium with one page, driven over the DevTools protocol."""
+    """A headless Chromium with one page: open a URL, evaluate JavaScript in it, wait for a condition."""
 
     def __init__(self, binary):
-        self.profile = tempfile.mkdtemp(prefix="webqq-chromium-")
-        self.log = open(os.path.join(self.profile, "stderr.log"), "wb")
-        self.proc = subprocess.Popen(
-            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--mute-audio",
-             "--remote-debugging-port=0", "--user-data-dir=" + self.profile, "--window-size=1180,860",
-             "about:blank"], stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
-        port_file = os.path.join(self.profile, "DevToolsActivePort")
-        deadline = time.time() + 30
-        while not os.path.exists(port_file) or not open(port_file).read().strip():
-            if time.time() > deadline or self.proc.poll() is not None:
-                self.close()
-                raise RuntimeError("Chromium did not start")
-            time.sleep(0.05)
-        port = int(open(port_file).read().split()[0])
-        with urllib.request.urlopen("http://127.0.0.1:%d/json/list" % port, timeout=10) as answer:
-            pages = [t for t in json.load(answer) if t["type"] == "page"]
-        self.ws = WebSocket(pages[0]["webSocketDebuggerUrl"])
-        self.ids = 0
-        self.call("Page.enable")
-        self.call("Runtime.enable")
-
-    def call(self, method, **params):
-        self.ids += 1
-        self.ws.send(json.dumps({"id": self.ids, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv())
-            if message.get("id") == self.ids:
-                if "error" in message:
-                    raise RuntimeError("%s: %s" % (method, message["error"]))
-                return message["result"]
+        from playwright.sync_api import sync_playwright
+        self.playwright = sync_playwright().start()
+        self.browser = self.playwright.chromium.launch(
+            executable_path=binary, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                          "--disable-background-networking", "--disable-component-update"])
+        self.page = self.browser.new_page(viewport={"width": 1180, "height": 860})
 
     def evaluate(self, expression):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError("%s: %s" % (expression, result["exceptionDetails"]))
-        return result["result"].get("value")
+        return self.page.evaluate(expression)
 
     def open(self, url):
-        self.call("Page.navigate", url=url)
+        self.page.goto(url)
         self.wait("document.readyState === 'complete' && location.href !== 'about:blank'")
 
     def wait(self, expression, timeout=10.0):
@@ -160,23 +59,11 @@ class Chromium(object):
             time.sleep(0.05)
 
     def screenshot(self, path):
-        data = self.call("Page.captureScreenshot", format="png")["data"]
-        with open(path, "wb") as f:
-            f.write(base64.b64decode(data))
+        self.page.screenshot(path=path)
 
     def close(self):
-        try:
-            self.ws.close()
-        except AttributeError:
-            pass
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-        shutil.rmtree(self.profile, ignore_errors=True)
+        self.browser.close()
+        self.playwright.stop()
 
 
 @pytest.fixture(scope="module")

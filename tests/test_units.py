@@ -285,3 +285,16 @@ def test_showmsg_lines_name_where_a_message_went():
     assert describe(sent) == "[好友消息] 我->bob : hi (发送失败: TTL失效)"
     got = webqq.Message(type="group_message", cls="recv", content="yo", sender=member, group=g)
     assert describe(got) == "[群消息] dave|grp : yo"
+
+
+def test_an_upstream_missing_a_method_is_refused_when_made(tmp_path):
+    class Half(webqq.Upstream):
+        def login(self):
+            return False
+
+    client = webqq.Client(tmpdir=str(tmp_path), qrcode_display="none")
+    with pytest.raises(TypeError) as refused:
+        Half(client)
+    assert str(refused.value) == ("upstream Half lacks fetch_user, fetch_friends, fetch_groups, fetch_group_detail, "
+                                  "fetch_discusses, poll, send, shutup, kick")
+    assert webqq.SmartQQ(client).uid is None
