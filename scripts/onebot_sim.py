@@ -31,6 +31,7 @@ Python API (names are a contract; tests of the bridge use them)
     sim.add_friend(user_id, nickname, remark="") / sim.remove_friend(user_id)   # no event
     sim.remove_member(group_id, user_id)          # silently, no event (a stale cache elsewhere)
     sim.update_member(group_id, user_id, **fields) / sim.update_group(group_id, **fields)
+    sim.add_group(group_id, group_name, members=())   # the world only (members: dicts as in World)
     sim.remove_group(group_id)                    # the world only: post the notice yourself
     sim.fault(action, count=1, retcode=None, message=None, http_status=None, delay=None)
     sim.post_fault(count=1)                       # the next posts' answers are lost (a timeout)
@@ -77,6 +78,7 @@ Knobs
     numeric_strings=False       post ids as strings ("10001"), as some bridges do
     unsupported=()       actions answered as unknown
     heartbeat_interval=None     seconds between automatic heartbeats (a thread)
+    unlisted_groups=()   group ids get_group_list leaves out (a stale cache); get_group_info knows them
 
 World schema (``OneBotSimulator(world=dict)``, ``--world FILE``)
 -----------------------------------------------------------------
@@ -130,6 +132,7 @@ KNOBS = {
     "numeric_strings": False,
     "unsupported": (),
     "heartbeat_interval": None,
+    "unlisted_groups": (),
 }
 MAX_BAN = 30 * 24 * 3600          # go-cqhttp refuses bans this long or longer
 ROLE_RANK = {"member": 0, "admin": 1, "owner": 2}
@@ -336,14 +339,7 @@ class World(object):
         self.strangers = {int(p["user_id"]): self._person(p) for p in data.get("strangers", ())}
         self.groups = collections.OrderedDict()
         for g in data.get("groups", ()):
-            gid = int(g["group_id"])
-            group = {"group_id": gid, "group_name": g.get("group_name", "group %d" % gid),
-                     "max_member_count": int(g.get("max_member_count", 200)), "members": collections.OrderedDict()}
-            self.groups[gid] = group
-            for m in g.get("members", ()):
-                self.add_member(gid, **m)
-            if self.self_id not in group["members"]:
-                self.add_member(gid, user_id=self.self_id)
+            self.add_group(g)
 
     @staticmethod
     def demo():
@@ -385,6 +381,17 @@ class World(object):
                 if member is not None:
                     return {k: member[k] for k in ("user_id", "nickname", "sex", "age")}
         return found
+
+    def add_group(self, g):
+        """A group of the schema (group_id, group_name, max_member_count, members); self joins if missing."""
+        gid = int(g["group_id"])
+        group = {"group_id": gid, "group_name": g.get("group_name", "group %d" % gid),
+                 "max_member_count": int(g.get("max_member_count", 200)), "members": collections.OrderedDict()}
+        self.groups[gid] = group
+        for m in g.get("members", ()):
+            self.add_member(gid, **m)
+        if self.self_id not in group["members"]:
+            self.add_member(gid, user_id=self.self_id)
 
     def add_member(self, group_id, **fields):
         uid = int(fields["user_id"])
@@ -685,7 +692,8 @@ class OneBotSimulator(object):
                 for f in self.world.friends.values()]
 
     def act_get_group_list(self, params):
-        return [self.world.group_info(g) for g in self.world.groups.values()]
+        return [self.world.group_info(g) for g in self.world.groups.values()
+                if g["group_id"] not in self.knobs["unlisted_groups"]]
 
     def act_get_group_info(self, params):
         return self.world.group_info(self._group(self._need(params, "group_id")[0]))
@@ -826,6 +834,10 @@ class OneBotSimulator(object):
     def update_group(self, group_id, **fields):
         with self._lock:
             self.world.groups[int(group_id)].update(fields)
+
+    def add_group(self, group_id, group_name, members=()):
+        with self._lock:
+            self.world.add_group({"group_id": group_id, "group_name": group_name, "members": members})
 
     def remove_group(self, group_id):
         with self._lock:
