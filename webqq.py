@@ -792,10 +792,14 @@ class Container(Model):
 
 
 class Group(Container):
-    """A group, with its members once they are loaded."""
+    """A group, with its members once they are loaded.
+
+    `markname` stays None, as in the original (a group is named by its name everywhere); the
+    account's private remark for the group, where the upstream gives one, is `remark`, ours.
+    """
 
     FIELDS = ("code", "createtime", "id", "level", "markname", "max_admin", "max_member", "memo",
-              "name", "owner_id", "owner_uid", "role", "uid")
+              "name", "owner_id", "owner_uid", "remark", "role", "uid")
     __slots__ = FIELDS + ("members", "members_loaded", "contacts")
 
     def __init__(self, **fields):
@@ -1190,6 +1194,10 @@ class Message(object):
             obj = getattr(self, key)
             if obj is not None:
                 data[key], data[key + "_id"], data[key + "_uid"] = obj.displayname, obj.id, obj.uid
+        if self.cls == "recv":  # the poll's numbers, even for a discussion member (whose id is a string)
+            for key in ("sender_id", "receiver_id"):
+                if key in data:
+                    data[key] = to_int(data[key], data[key])
         if self.discuss is not None:
             data["discuss"], data["discuss_id"] = self.discuss.displayname, self.discuss.id
         if self.via is not None:
@@ -1590,7 +1598,7 @@ class SmartQQ(Upstream):
         r = self._api("POST", "https://s.web2.qq.com/api/get_group_name_list_mask2", S_REF,
                       {"vfwebqq": self.vfwebqq, "hash": friend_hash(self.uid, self.ptwebqq)})
         marks = {m.get("uin"): m.get("markname") for m in r.get("gmarklist") or ()}
-        groups = [Group(id=g.get("gid"), code=g.get("code"), name=g.get("name"), markname=marks.get(g.get("gid")))
+        groups = [Group(id=g.get("gid"), code=g.get("code"), name=g.get("name"), remark=marks.get(g.get("gid")))
                   for g in r.get("gnamelist") or ()]
         try:
             lists = self._qun("http://qun.qq.com/cgi-bin/qun_mgr/get_group_list", {}, QUN_REF)
@@ -2458,11 +2466,8 @@ class Client(EventEmitter):
             else:
                 msg.discuss = container
             msg.sender = self._find_member(container, sender_id, in_group, item.get("sender_uid"))
-            if t == "sess_message":
-                msg.via = item["via"]
-            else:
-                me = self._member(container, c.user.id)
-                msg.receiver = me if me is not None else c.user
+            msg.via = item.get("via")
+            msg.receiver = self._me_in(container)
         if str(msg.sender.id) == str(c.user.id):
             if not self.options["allow_message_sync"]:
                 return None
@@ -2489,6 +2494,11 @@ class Client(EventEmitter):
             if str(m.id) == str(id):
                 return m
         return None
+
+    def _me_in(self, container):
+        """Our own member in a group or discussion, else the account (no container, or not listed)."""
+        me = self._member(container, self.user.id) if container is not None else None
+        return me if me is not None else self.user
 
     def _find_member(self, container, id, in_group, uid=None):
         member = self._member(container, id)
@@ -2534,22 +2544,20 @@ class Client(EventEmitter):
         return self._enqueue("friend_message", content, source, callback, sender=self.user, receiver=friend)
 
     def send_group_message(self, group, content, source="code", callback=None):
-        me = self._member(group, self.user.id)
-        return self._enqueue("group_message", content, source, callback,
-                             sender=me if me is not None else self.user, group=group)
+        return self._enqueue("group_message", content, source, callback, sender=self._me_in(group), group=group)
 
     def send_discuss_message(self, discuss, content, source="code", callback=None):
-        me = self._member(discuss, self.user.id)
-        return self._enqueue("discuss_message", content, source, callback,
-                             sender=me if me is not None else self.user, discuss=discuss)
+        return self._enqueue("discuss_message", content, source, callback, sender=self._me_in(discuss),
+                             discuss=discuss)
 
     def send_sess_message(self, member, content, source="code", callback=None):
-        """Queue a temporary-session message to a GroupMember or DiscussMember."""
+        """Queue a temporary-session message to a GroupMember or DiscussMember; we write as the member
+        we are in that group or discussion (our card there names us)."""
         in_group = isinstance(member, GroupMember)
-        return self._enqueue("sess_message", content, source, callback, sender=self.user, receiver=member,
-                             via="group" if in_group else "discuss",
-                             group=member.group if in_group else None,
-                             discuss=None if in_group else member.discuss)
+        container = member.group if in_group else member.discuss
+        return self._enqueue("sess_message", content, source, callback, sender=self._me_in(container),
+                             receiver=member, via="group" if in_group else "discuss",
+                             group=container if in_group else None, discuss=None if in_group else container)
 
     def reply_message(self, msg, content, source="code", callback=None):
         """Queue a reply to where msg came from (or went to, for a sent message)."""

@@ -148,7 +148,7 @@ def test_each_message_type_reaches_receive_message(sim, running):
     sim.inject_discuss_message(discuss.did, dmember.uin, "讨论")
     data = running.recorder.wait("receive_message", 3)[0].to_json()
     assert (data["type"], data["discuss_id"], data["sender_id"], data["content"]) == (
-        "discuss_message", discuss.did, str(dmember.uin), "讨论")
+        "discuss_message", discuss.did, dmember.uin, "讨论")
     assert "discuss_uid" not in data
 
     sim.inject_sess_message("group", group.gid, member.uin, "临时")

@@ -136,10 +136,10 @@ def friend_json(uid, name, markname):
 
 PERL_JSON = {"code": None, "createtime": None, "id": PERL, "level": None, "markname": None, "max_admin": None,
              "max_member": 500, "memo": None, "name": "PERL学习交流", "owner_id": ALICE, "owner_uid": ALICE,
-             "role": "manage", "uid": PERL}
+             "remark": None, "role": "manage", "uid": PERL}
 CHAT_JSON = {"code": None, "createtime": None, "id": CHAT, "level": None, "markname": None, "max_admin": None,
              "max_member": 200, "memo": None, "name": "闲聊", "owner_id": None, "owner_uid": None,
-             "role": "attend", "uid": CHAT}
+             "remark": None, "role": "attend", "uid": CHAT}
 PERL_MEMBERS = [member_json(ME, "小灰", role="admin", sex="male"),
                 member_json(ALICE, "alice", "Alice卡片", "owner", "female"),
                 member_json(CAROL, "carol", "carol_card", sex="female")]

@@ -709,7 +709,7 @@ def test_post_api_message_reports(env):
     sim.inject_discuss_message(discuss.did, dmember.uin, "pa-discuss")
     r = receiver.wait(lambda r: r.get("content") == "pa-discuss")
     assert set(r) == base | receiver_keys | {"discuss", "discuss_id"}
-    assert r["sender_id"] == str(dmember.uin)
+    assert r["sender_id"] == dmember.uin      # a number, as the poll gave it (members' ids are strings)
 
     sim.inject_sess_message("group", group.gid, member.uin, "pa-sess")
     r = receiver.wait(lambda r: r.get("content") == "pa-sess")
