@@ -1284,6 +1284,9 @@ class Upstream(object):
     name = "upstream"
     REQUIRED = ("login", "fetch_user", "fetch_friends", "fetch_groups", "fetch_group_detail", "fetch_discusses",
                 "poll", "send", "shutup", "kick")
+    # True when contact ids outlive a login (QQ numbers): a relogin then compares the contacts before
+    # and after, and reports the difference; otherwise it forgets them, since every id may change.
+    stable_ids = False
 
     def __init__(self, client):
         missing = [name for name in self.REQUIRED if not callable(getattr(self, name, None))]
@@ -1292,6 +1295,11 @@ class Upstream(object):
         self.client = client
         self.log = client.log
         self.uid = None  # the account's QQ number once logged in
+
+    def fetch_group(self, id):
+        """A group fetch_groups() left out (a message came from it), without members; None when this
+        upstream can't ask for one group, UpstreamError when it doesn't know that one."""
+        return None
 
     def logout(self):
         """End the session upstream (a relogin starts with this)."""
@@ -1960,6 +1968,7 @@ class Client(EventEmitter):
         self._cond = threading.Condition()  # guards state, _session, the start of stop() and the send queue
         self._send_queue = collections.deque()
         self._session = 0  # increases with every login: work of an older session is dropped
+        self._members_stale = False  # the member lists loaded are to be fetched again (after a relogin)
         self._started = False
         self._stop_event, self._stopped = threading.Event(), threading.Event()   # stop() began, ended
         self._stopper = None  # the thread that called stop() first
@@ -2223,15 +2232,15 @@ class Client(EventEmitter):
             self.log.exception("unexpected error")
             self.stop(reason="客户端异常退出 (unexpected error)", status=1)
 
-    def _login(self):
-        """Log in (retrying what can be retried), load the contacts, emit login."""
+    def _login(self, diff=False):
+        """Log in (retrying what can be retried), load the contacts (diff: reporting what changed), emit login."""
         failures = 0
         while True:
             if self.stopping:
                 raise Stopped()
             try:
                 is_scan = self.upstream.login()
-                self._load_contacts()
+                self._load_contacts(diff)
                 break
             except (LoginFailed, TransportError, UpstreamError) as e:
                 if getattr(e, "fatal", False):
@@ -2246,14 +2255,14 @@ class Client(EventEmitter):
         self.log.info("帐号(%s)登录成功 (logged in)", self.upstream.uid)
         self.emit("login", 1 if is_scan else 0)
 
-    def _load_contacts(self):
+    def _load_contacts(self, diff=False):
         self.set_state("updating")
-        if not self._load_user(diff=False):
+        if not self._load_user(diff=diff):
             self.contacts.set_user(User(id=self.upstream.uid, uid=self.upstream.uid), diff=False)
         ok = []
         for kind, listed in (("friend", self.contacts.friends), ("group", self.contacts.groups),
                              ("discuss", self.contacts.discusses)):
-            ok.append(self._refresh(kind, diff=False))
+            ok.append(self._refresh(kind, diff=diff))
             count = len(listed())
             self.emit("progress", kind, count, count)
         if not (ok[0] or ok[1]):
@@ -2269,14 +2278,18 @@ class Client(EventEmitter):
         self.log.warning("正在重新登录... (logging in again)")
         self.upstream.interrupt()
         self.upstream.logout()
-        self.contacts.clear()
+        compare = self.upstream.stable_ids
+        if not compare:
+            self.contacts.clear()
         self.send_failure_count = 0
         try:
-            self._login()
+            self._login(diff=compare)
         except LoginFailed as e:
             self.stop(reason="重新登录失败，客户端退出: %s" % e, status=1)
             raise Stopped()
         self.emit("relogin")
+        with self._cond:
+            self._members_stale = compare     # the member lists kept are compared again too
         self._go_online()
 
     # -- contacts -------------------------------------------------------------
@@ -2306,12 +2319,16 @@ class Client(EventEmitter):
                 self.emit("model_update", kind, 0)
                 return False
             self._refreshed[kind] = time.time()  # after a failure, the next unknown sender retries
+        self._announce(events)
+        self.emit("model_update", kind, 1)
+        return True
+
+    def _announce(self, events):
+        """Emit contact events; a new group's members are loaded first (its report lists them)."""
         for name, args in events:
             if name == "new_group":
                 self.ensure_members(args[0])
             self.emit(name, *args)
-        self.emit("model_update", kind, 1)
-        return True
 
     def _update_failed(self, what, error):
         """Log a failed contact update: a warning, or only a debug line once the client is stopping."""
@@ -2348,7 +2365,9 @@ class Client(EventEmitter):
         interval = float(self.options["update_interval"])
         while self.wait_for_state("running", "stop") and not self.stopping:
             with self._cond:
-                session = self._session
+                session, stale, self._members_stale = self._session, self._members_stale, False
+            if stale:
+                self._reload_members(session)
             if self.options["load_members"]:
                 pending = [group for group in self.contacts.groups() if not group.members_loaded]
                 for done, group in enumerate(pending, 1):
@@ -2365,11 +2384,15 @@ class Client(EventEmitter):
             ok = [self._refresh(kind) for kind in ("friend", "group", "discuss")]
             if self.contacts.user.name is None:  # get_self_info2 failed at login
                 self._load_user()
-            for group in self.contacts.groups():
-                if self._current(session) and group.members_loaded:
-                    self.load_members(group)
+            self._reload_members(session)
             if not (ok[0] or ok[1]):
                 self.relogin()
+
+    def _reload_members(self, session):
+        """Fetch again the member lists loaded before, reporting what changed, while session runs."""
+        for group in self.contacts.groups():
+            if self._current(session) and group.members_loaded:
+                self.load_members(group)
 
     def _current(self, session):
         """True while the client runs the login it ran when session was read."""
@@ -2465,7 +2488,10 @@ class Client(EventEmitter):
                 self.ensure_members(container)
             else:
                 msg.discuss = container
-            msg.sender = self._find_member(container, sender_id, in_group, item.get("sender_uid"))
+            if item.get("anonymous") is not None:     # no member: shown by the name the upstream gives
+                msg.sender = GroupMember(id=sender_id, name=item["anonymous"], group=container)
+            else:
+                msg.sender = self._find_member(container, sender_id, in_group, item.get("sender_uid"))
             msg.via = item.get("via")
             msg.receiver = self._me_in(container)
         if str(msg.sender.id) == str(c.user.id):
@@ -2481,12 +2507,31 @@ class Client(EventEmitter):
         return msg
 
     def _find(self, lookup, id, kind):
-        """lookup(id), refreshing that kind of contact once if it is missing."""
+        """lookup(id), refreshing that kind of contact once if it is missing (a group missing from the
+        list is then asked for on its own)."""
         found = lookup(id)
         if found is None and id is not None:
             self._refresh_stale(kind)
             found = lookup(id)
+            if found is None and kind == "group":
+                found = self._add_unlisted_group(id)
         return found
+
+    def _add_unlisted_group(self, id, seconds=30):
+        """The group id, fetched on its own (at most every seconds) and added with its members, new_group
+        reported; None when the upstream doesn't know it."""
+        with self._refresh_lock:
+            if time.time() - self._refreshed.get(("group", id), 0) < seconds:
+                return self.contacts.group(id)
+            self._refreshed[("group", id)] = time.time()
+            try:
+                group = self.upstream.fetch_group(id)
+            except (UpstreamError, TransportError) as e:
+                self._update_failed("群[%s]" % id, e)
+                return None
+            events = self.contacts.add_group(group) if group is not None else []
+        self._announce(events)
+        return self.contacts.group(id)
 
     @staticmethod
     def _member(container, id):

@@ -448,6 +448,7 @@ class OneBot(Upstream):
     """A OneBot v11 implementation as the client's upstream: API calls out, event posts in."""
 
     name = "onebot"
+    stable_ids = True      # QQ numbers: a relogin compares the contacts
 
     def __init__(self, client, options):
         Upstream.__init__(self, client)
@@ -462,6 +463,8 @@ class OneBot(Upstream):
         self.limiter = RateLimiter(opts["send_rate"], opts["send_burst"], client.sleep)
         self.sent_ids = collections.deque(maxlen=1000)
         self.send_lock = threading.Lock()              # a send records its message_id before its echo is seen
+        self.unlisted = set()                          # groups get_group_list left out, fetched on their own
+        self.unlisted_lock = threading.Lock()
         self.receiver = EventReceiver(opts["listen"], opts["secret"], opts["max_body_size"], self.events.put,
                                       self.log)
         self.receiver.self_id = opts["self_id"]
@@ -561,14 +564,31 @@ class OneBot(Upstream):
         return [f for f in (make_friend(item) for item in self.api.items("get_friend_list")) if f is not None]
 
     def fetch_groups(self):
-        groups = []
-        for item in self.api.items("get_group_list"):
-            group = make_group(item)
-            if group is not None:
-                known = self.client.contacts.group(group.id)
-                group.owner_id = known.owner_id if known is not None else None   # only member lists know it
-                groups.append(group)
+        groups = [g for g in (make_group(item) for item in self.api.items("get_group_list")) if g is not None]
+        with self.unlisted_lock:
+            self.unlisted -= {g.id for g in groups}
+            missing = sorted(self.unlisted)
+        for group_id in missing:           # still left out: kept as long as the implementation knows it
+            try:
+                groups.append(self.fetch_group(group_id))
+            except ActionFailed as e:
+                self.log.info("onebot: group %s is gone: %s", group_id, e)
+                with self.unlisted_lock:
+                    self.unlisted.discard(group_id)
+        for group in groups:
+            known = self.client.contacts.group(group.id)
+            group.owner_id = known.owner_id if known is not None else None   # only member lists know it
         return groups
+
+    def fetch_group(self, id):
+        """The group, asked for on its own (get_group_list may leave out a group, e.g. from a stale cache);
+        ActionFailed when the implementation doesn't know it."""
+        group = make_group(self.api.call("get_group_info", group_id=id, no_cache=True) or {})
+        if group is None:
+            raise ActionFailed("get_group_info", -1, "answered no group_id")
+        with self.unlisted_lock:
+            self.unlisted.add(group.id)
+        return group
 
     def fetch_group_detail(self, group):
         members = [m for m in (make_member(item) for item in self.api.items("get_group_member_list",
@@ -638,10 +658,12 @@ class OneBot(Upstream):
         if mine:
             item["sender_id"] = self.uid
         if kind == "group":
-            if sub in ("anonymous", "notice"):
-                self.log.debug("onebot: %s group message dropped", sub)
+            if sub == "notice":
+                self.log.debug("onebot: notice group message dropped")
                 return None
             item.update(type="group_message", group_id=gid)
+            if sub == "anonymous":
+                item.update(anonymous_sender(e.get("anonymous")))
         elif kind == "private":
             if gid is None and sub == "group":
                 gid = to_int((e.get("sender") or {}).get("group_id"))
@@ -695,10 +717,15 @@ class OneBot(Upstream):
         return {"kind": "apply", "fn": functools.partial(handler, e)}
 
     def _on_group_increase(self, e):
-        contacts = self.client.contacts
+        contacts, group_id = self.client.contacts, e.get("group_id")
         if e.get("user_id") == self.uid:
-            return contacts.add_group(self._group_info(e.get("group_id")))
-        group = contacts.group(e.get("group_id"))
+            try:
+                group = self.fetch_group(group_id)
+            except (ActionFailed, TransportError) as error:
+                self.log.warning("onebot: no info on the new group %s: %s", group_id, error)
+                group = Group(id=group_id, uid=group_id)
+            return contacts.add_group(group)
+        group = contacts.group(group_id)
         if group is None:
             return []
         return contacts.add_group_member(group, self._member_info(group, e.get("user_id")))
@@ -761,14 +788,6 @@ class OneBot(Upstream):
     @staticmethod
     def _member_of(group, uid):
         return next((m for m in group.members if m.id == uid), None)
-
-    def _group_info(self, group_id):
-        try:
-            group = make_group(self.api.call("get_group_info", group_id=group_id, no_cache=True) or {})
-        except (ActionFailed, TransportError) as e:
-            self.log.warning("onebot: no info on the new group %s: %s", group_id, e)
-            group = None
-        return group or Group(id=group_id, uid=group_id)
 
     def _member_info(self, group, uid):
         try:
@@ -837,6 +856,9 @@ class OneBot(Upstream):
         return self._moderate("set_group_kick", group, members, reject_add_request=False)
 
     def _moderate(self, action, group, members, **params):
+        if any(to_int(member.id, 0) <= 0 for member in members):
+            self.log.warning("onebot: %s refused: an anonymous sender has no QQ number", action)
+            return False
         ok = True
         for member in members:
             if not self.limiter.acquire():
@@ -847,6 +869,15 @@ class OneBot(Upstream):
                 self.log.warning("onebot: %s of %s in %s failed: %s", action, member.id, group.id, e)
                 ok = False
         return ok
+
+
+def anonymous_sender(anonymous):
+    """The message item's fields for an anonymous group message: a name that says so, and a negative id,
+    which no QQ number is (OneBot's user_id for them, 80000000, is shared by every anonymous sender)."""
+    anonymous = anonymous if isinstance(anonymous, dict) else {}
+    name, number = anonymous.get("name"), to_int(anonymous.get("id"))
+    return {"anonymous": "匿名(%s)" % name if name else "匿名",
+            "sender_id": -number if number and number > 0 else -1}
 
 
 def make_friend(data):
