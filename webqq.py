@@ -2863,6 +2863,10 @@ class Request(object):
             self._params = parse_params(query, self.headers.get("content-type"), self.body)
         return self._params
 
+    @params.setter
+    def params(self, params):
+        self._params = params
+
     def param(self, name):
         """The parameter's value (the first one if it was repeated), or None."""
         value = self.params.get(name)

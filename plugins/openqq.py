@@ -108,8 +108,20 @@ OPTION_HELP = {
 MESSAGE_TYPES = frozenset(("friend_message", "group_message", "discuss_message", "sess_message"))
 # Parameters that steer a request and are never search attributes.
 RESERVED = frozenset(("datatype", "callback", "async", "client", "access_token", "cursor"))
-# The 1.x names search_group still answers to (the original's Group AUTOLOAD).
-GROUP_ALIASES = {"gname": "name", "gnumber": "uid", "gtype": "role"}
+# Mojo-Webqq 1.x names, by route: the route a 1.x path became, and per handler each 1.x parameter's
+# 2.x name (search_group's are also the original's Group AUTOLOAD). A 2.x name in the request wins.
+# shutup_group_member has none: 1.x's `time` was seconds, 2.x's minutes.
+OLD_ROUTES = {"/openqq/send_message": "/openqq/send_friend_message"}
+OLD_PARAMS = {
+    "send_friend_message": {"qq": "uid"},
+    "search_friend": {"qq": "uid"},
+    "send_group_message": {"gid": "id", "gnumber": "uid", "gname": "name"},
+    "search_group": {"gid": "id", "gnumber": "uid", "gname": "name", "gtype": "role"},
+    "send_discuss_message": {"did": "id"},
+    "send_sess_message": {"gid": "group_id", "gnumber": "group_uid", "did": "discuss_id", "qq": "uid"},
+    "kick_group_member": {"gid": "group_id", "gnumber": "group_uid", "member_qq": "member_uid"},
+}
+
 
 def perl_true(value):
     """A request parameter's truth as the original reads it: "" and "0" are false."""
@@ -407,6 +419,18 @@ def not_found(code, what):
     return {"code": code, "id": None, "status": "%s not found" % what}
 
 
+def renamed(params, old_names):
+    """params with each 1.x name of old_names under its 2.x name, unless the 2.x name is there already."""
+    if not any(name in params for name in old_names):
+        return params
+    params = dict(params)
+    for old, new in old_names.items():
+        if old in params:
+            value = params.pop(old)
+            params.setdefault(new, value)
+    return params
+
+
 class Api(webqq.Api):
     """The Openqq routes: parameters in, the original's JSON out, against the Client contract."""
 
@@ -445,13 +469,15 @@ class Api(webqq.Api):
     def route(self, req):
         """A route's handler, or a handler another plugin mounted on a prefix of the path (Openqq.mount)."""
         method = "GET" if req.method == "HEAD" else req.method
-        route = self.ROUTES.get(req.path)
+        route = self.ROUTES.get(OLD_ROUTES.get(req.path, req.path))
         if route is None:
             route = next((("GET POST", False, handler) for prefix, handler in self.plugin.mounts
                           if req.path.startswith(prefix)), None)
         if route is None or method not in route[0].split():
             raise ApiError(403, NOT_FOUND, "api not found")
         _, needs_running, handler = route
+        if handler in OLD_PARAMS:
+            req.params = renamed(req.params, OLD_PARAMS[handler])
         handler = handler if callable(handler) else getattr(self, handler)
         if not needs_running:
             return handler
@@ -498,12 +524,11 @@ class Api(webqq.Api):
 
     # -- search ------------------------------------------------------------------
 
-    def search(self, req, find, aliases=None):
+    def search(self, req, find):
         attrs = {}
         for name, value in req.params.items():
             if name in RESERVED:
                 continue
-            name = (aliases or {}).get(name, name)
             if isinstance(value, tuple) or not re.match(r"^[A-Za-z][A-Za-z0-9_]*$", name):
                 return {"code": 100, "status": "object not found"}
             attrs[name] = value
@@ -521,7 +546,7 @@ class Api(webqq.Api):
             for group in groups:
                 self.client.ensure_members(group)
             return groups
-        return self.search(req, find, GROUP_ALIASES)
+        return self.search(req, find)
 
     # -- sends -------------------------------------------------------------------
 
