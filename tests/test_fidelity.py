@@ -101,7 +101,7 @@ class Stack(object):
         self.name = name
         self.answers = {}       # content -> the JSON post_api answers to that report
         self.post_api = Receiver(respond=lambda hit: self.answers.get((hit.report or {}).get("content")))
-        options = dict(tmpdir=str(tmpdir), send_interval=0, qrcode_display="none", log_level="debug",
+        options = dict(tmpdir=str(tmpdir), send_interval=0, qrcode_display="none", log_level="info",
                        update_interval=3600)
         if name == "smartqq":
             self.sim = Simulator(world=SMARTQQ_WORLD, poll_hold=0.5).start()
