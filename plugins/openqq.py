@@ -568,25 +568,27 @@ class Api(webqq.Api):
         found = find(*args, **attrs)
         return found[0] if found else None
 
+    # route: (the search, its lookup parameters, the not-found code and name, the client's send)
+    SENDS = {"send_friend_message": ("search_friend", ("id", "uid", "name", "displayname"), 100, "friend"),
+             "send_group_message": ("search_group", ("id", "uid", "name", "displayname"), 101, "group"),
+             "send_discuss_message": ("search_discuss", ("id",), 102, "discuss")}
+
     def send_friend_message(self, req):
-        friend = self.first(self.contacts.search_friend,
-                            self.selectors(req, ("id", "uid", "name", "displayname")))
-        if friend is None:
-            return not_found(100, "friend")
-        return self.send(req, self.client.send_friend_message, friend)
+        return self.send_to(req, "send_friend_message")
 
     def send_group_message(self, req):
-        group = self.first(self.contacts.search_group,
-                           self.selectors(req, ("id", "uid", "name", "displayname")))
-        if group is None:
-            return not_found(101, "group")
-        return self.send(req, self.client.send_group_message, group)
+        return self.send_to(req, "send_group_message")
 
     def send_discuss_message(self, req):
-        discuss = self.first(self.contacts.search_discuss, self.selectors(req, ("id",)))
-        if discuss is None:
-            return not_found(102, "discuss")
-        return self.send(req, self.client.send_discuss_message, discuss)
+        return self.send_to(req, "send_discuss_message")
+
+    def send_to(self, req, route):
+        """A friend, group or discussion message: the first one the parameters find gets it."""
+        search, names, code, what = self.SENDS[route]
+        target = self.first(getattr(self.contacts, search), self.selectors(req, names))
+        if target is None:
+            return not_found(code, what)
+        return self.send(req, getattr(self.client, route), target)
 
     def send_sess_message(self, req):
         params = req.params
