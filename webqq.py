@@ -87,6 +87,9 @@ __all__ = [
     "Api", "ApiServer", "TrackedHTTPServer", "Request", "Response", "ApiError", "bad_request", "Guard",
     "check_protected", "listen_entries", "parse_listen", "serve", "points_into", "Poller", "AUTH_FAILED",
     "NOT_RUNNING", "NOT_FOUND", "BAD_REQUEST", "INTERNAL_ERROR",
+    # options: one table per plugin, read by one helper (docs/internals.md, "Plugins")
+    "OptionError", "read_options", "one_of", "check_url", "check_listen", "check_port", "check_log_level",
+    "ArgumentParser",
     # helpers
     "json_dumps", "to_int", "to_bool", "to_list", "is_loopback", "atomic_write", "remove_file", "read_pid",
     "pid_alive", "save_file", "configure_logging", "read_config", "ENV_PREFIX", "main",
@@ -122,6 +125,10 @@ STATE_CODES = {10: "online", 20: "offline", 30: "away", 40: "hidden",
 CLIENT_TYPES = {1: "pc", 21: "mobile", 24: "iphone", 41: "web"}
 # sys.platform as the original's $^O, for get_client_info and the state file.
 PERL_OS = {"linux": "linux", "win32": "MSWin32", "cygwin": "cygwin", "darwin": "darwin"}
+# Presence modes a client may log in with (the mode option).
+MODES = ("online", "away", "busy", "silent", "hidden", "offline", "callme")
+# Where the QR code can go (the qrcode_display option): built in, by a plugin, or nowhere but the file.
+QR_MODES = ("terminal", "file", "viewer", "console", "email", "none")
 
 # Send status texts (Mojo Message/Base.pm): code -> msg; the info text varies.
 SEND_OK, SEND_FAILED = "发送成功", "发送失败"
@@ -358,6 +365,121 @@ def pid_alive(pid):
             return f.read().rpartition(")")[2].split()[:1] != ["Z"]
     except OSError:
         return True
+
+
+# -- options: the client, each plugin and the controller declare theirs in one table ----------------
+#
+# OPTIONS = OrderedDict([(name, (default, help) or (default, help, check)), ...]): help None for an
+# option no file can set (a Python function); check(value) returns the value to use or raises
+# ValueError("must be ...").
+
+
+class OptionError(ValueError, TypeError):
+    """An option its owner doesn't have, or a value its check refuses (a TypeError too, like an unknown keyword)."""
+
+
+def did_you_mean(word, choices):
+    """" (did you mean 'x'?)" for the choice closest to word, else ""."""
+    close = difflib.get_close_matches(str(word).lower(), [str(choice) for choice in choices], 1)
+    return " (did you mean %r?)" % close[0] if close else ""
+
+
+def or_list(words):
+    """'a, b or c'."""
+    words = [str(word) for word in words]
+    return words[0] if len(words) == 1 else "%s or %s" % (", ".join(words[:-1]), words[-1])
+
+
+def check_option(name, entry, value):
+    """value for the option name through its table entry's check (None and "" are unset: not checked)."""
+    if len(entry) < 3 or value is None or value == "":
+        return value
+    try:
+        return entry[2](value)
+    except ValueError as e:
+        raise OptionError("%s %s" % (name, e))
+
+
+def read_options(owner, table, options):
+    """Every option of table: the value options gives (checked), else the default. OptionError naming
+    owner for a name the table lacks (with the closest one) or a value its check refuses."""
+    for name in options:
+        if name not in table:
+            raise OptionError("%s: unknown option %r%s" % (owner, name, did_you_mean(name, table)))
+    values = collections.OrderedDict()
+    for name, entry in table.items():
+        try:
+            values[name] = check_option(name, entry, options[name]) if name in options else entry[0]
+        except OptionError as e:
+            raise OptionError("%s: %s" % (owner, e))
+    return values
+
+
+def option_defaults(table):
+    """{name: default} of an options table."""
+    return collections.OrderedDict((name, entry[0]) for name, entry in table.items())
+
+
+def one_of(*choices, **aliases):
+    """A check: one of choices (or of the aliases, other names of a choice), in any case; the value is the choice."""
+    def check(value):
+        text = str(value).strip().lower()
+        if text not in choices and text not in aliases:
+            raise ValueError("must be %s, not %r%s" % (or_list(choices), value, did_you_mean(text, choices)))
+        return aliases.get(text, text)
+    return check
+
+
+def check_url(value):
+    """A check: an http:// or https:// URL with a host, and a port from 1 to 65535 if it names one."""
+    text = str(value).strip()
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL, not %r" % text)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("must be a URL with a port from 1 to 65535, not %r" % text)
+    return text
+
+
+def check_port(value):
+    """A check: a port number from 1 to 65535."""
+    port = to_int(value)
+    if port is None or not 1 <= port <= 65535:
+        raise ValueError("must be a port from 1 to 65535, not %r" % value)
+    return port
+
+
+def yes_no_auto(value):
+    """A check: a yes/no word (yes_no), or auto."""
+    text = str(value).strip().lower()
+    if text != "auto" and yes_no(text) is None:
+        raise ValueError("must be yes, no or auto, not %r%s" % (value, did_you_mean(text, ("yes", "no", "auto"))))
+    return text
+
+
+def qr_modes(value):
+    """The modes of a qrcode_display value, comma-separated; ValueError for an unknown one, or none with others."""
+    modes = [mode.strip().lower() for mode in str(value or "").split(",") if mode.strip()]
+    for mode in modes:
+        if mode not in QR_MODES:
+            raise ValueError("must name %s (comma-separated), not %r%s" % (
+                or_list(QR_MODES), mode, did_you_mean(mode, QR_MODES)))
+    if "none" in modes and len(modes) > 1:
+        raise ValueError("can't be none and something else: %r" % value)
+    return modes
+
+
+def check_qr_modes(value):
+    """A check: a qrcode_display value."""
+    return ",".join(qr_modes(value)) or "none"
+
+
+# log_level: the names of LOG_LEVELS, warning another name of warn
+check_log_level = one_of("debug", "info", "msg", "warn", "error", "fatal", warning="warn")
 
 
 FACES = {
@@ -1287,6 +1409,7 @@ class Upstream(object):
     # True when contact ids outlive a login (QQ numbers): a relogin then compares the contacts before
     # and after, and reports the difference; otherwise it forgets them, since every id may change.
     stable_ids = False
+    qr_login = True  # login() shows QR codes to scan (client.show_qrcode); False: the upstream logs in by itself
 
     def __init__(self, client):
         missing = [name for name in self.REQUIRED if not callable(getattr(self, name, None))]
@@ -1883,9 +2006,47 @@ def map_checkout_folders():
         spec.loader.exec_module(module)
 
 
+class NoPlugin(ImportError):
+    """There is no plugin of that name; hint names the closest one, or every one there is."""
+
+    def __init__(self, name):
+        names = plugin_names()
+        close = difflib.get_close_matches(name.lower(), names, 1)
+        self.hint = "did you mean [%s]?" % close[0] if close else "the plugins: %s" % ", ".join(names)
+        ImportError.__init__(self, "no plugin called %r (%s)" % (name, self.hint))
+
+
 def plugin_module(name):
-    """The module of the plugin called name (in webqq_plugins), or of a dotted module path."""
-    return importlib.import_module(name if "." in name else "webqq_plugins." + name.lower())
+    """The module of the plugin called name (in webqq_plugins), or of a dotted module path; NoPlugin
+    when there is no such module (an import error inside the plugin is raised as it is)."""
+    path = name if "." in name else "webqq_plugins." + name.lower()
+    try:
+        return importlib.import_module(path)
+    except ModuleNotFoundError as e:
+        if e.name != path and not path.startswith(str(e.name) + "."):
+            raise
+        raise NoPlugin(name) from None
+
+
+def plugin_names():
+    """The plugins webqq has: the modules of webqq_plugins with a call()."""
+    import pkgutil
+    package = importlib.import_module("webqq_plugins")
+    names = [info.name for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_")]
+    return sorted(name for name in names if hasattr(importlib.import_module("webqq_plugins." + name), "call"))
+
+
+def check_upstream(value):
+    """A check: smartqq, or a plugin that provides an upstream (onebot, or a dotted module path)."""
+    text = str(value).strip()
+    if text.lower() == "smartqq":
+        return "smartqq"
+    try:
+        plugin_module(text)
+    except NoPlugin:
+        raise ValueError("must be smartqq or a plugin that provides an upstream (onebot), not %r%s"
+                         % (value, did_you_mean(text, ["smartqq"] + plugin_names())))
+    return text
 
 
 class Client(EventEmitter):
@@ -1895,10 +2056,10 @@ class Client(EventEmitter):
     OPTIONS = collections.OrderedDict([
         ("account", ("default", "instance name, used in file names")),
         ("tmpdir", (None, "folder for the cookie, pid, QR and state files (default: the system temp folder)")),
-        ("upstream", ("smartqq", "backend: smartqq, or a plugin providing one (onebot)")),
+        ("upstream", ("smartqq", "backend: smartqq, or a plugin providing one (onebot)", check_upstream)),
         ("upstream_options", ({}, "options for an upstream plugin")),
-        ("smartqq_base", (None, "send every *.qq.com request to this base URL (a simulator)")),
-        ("mode", ("online", "presence: online away busy silent hidden offline callme")),
+        ("smartqq_base", (None, "send every *.qq.com request to this base URL (a simulator)", check_url)),
+        ("mode", ("online", "presence: online away busy silent hidden offline callme", one_of(*MODES))),
         ("send_interval", (3.0, "seconds between two sends")),
         ("msg_ttl", (3, "attempts per message")),
         ("update_interval", (600.0, "seconds between contact refreshes")),
@@ -1906,7 +2067,7 @@ class Client(EventEmitter):
         ("qrcode_count_max", (10, "stop after this many expired QR codes")),
         ("qr_check_interval", (3.0, "seconds between two checks of the QR state")),
         ("qrcode_display", ("terminal", "where to show the QR: terminal, file, viewer, console, email, none "
-                                         "(comma-separated)")),
+                                         "(comma-separated)", check_qr_modes)),
         ("poll_failure_count_max", (3, "relogin after more unknown poll errors in a row than this")),
         ("send_failure_count_max", (5, "relogin after this many send errors (-3) in a row")),
         ("poll_timeout", (120.0, "seconds to wait for one long poll")),
@@ -1922,7 +2083,7 @@ class Client(EventEmitter):
         ("controller_pid", (None, "stop when the process with this pid (a controller) is gone")),
         ("controller_pid_path", (None, "stop when the process whose pid is in this file (a controller) is gone")),
         ("controller_grace", (10.0, "seconds the controller may be gone (restarting) before the client stops")),
-        ("log_level", ("info", "debug info msg warn error fatal")),
+        ("log_level", ("info", "debug info msg warn error fatal", check_log_level)),
         ("log_path", (None, "log file (default: standard error)")),
         ("cookie_path", (None, "cookie file (default: tmpdir/mojo_webqq_cookie_<account>.dat)")),
         ("qrcode_path", (None, "QR file (default: tmpdir/mojo_webqq_qrcode_<account>.png)")),
@@ -1931,12 +2092,7 @@ class Client(EventEmitter):
     ])
 
     def __init__(self, **options):
-        unknown = set(options) - set(self.OPTIONS)
-        if unknown:
-            raise TypeError("unknown option: %s" % ", ".join(sorted(unknown)))
-        self.options = {name: default for name, (default, _) in self.OPTIONS.items()}
-        self.options.update(options)
-        opts = self.options
+        self.options = opts = dict(read_options("webqq", self.OPTIONS, options))
         log = logging.getLogger("webqq")
         if opts["log_path"] or not any(getattr(h, "webqq", False) for h in log.handlers):
             configure_logging(opts["log_level"], opts["log_path"])
@@ -1997,15 +2153,21 @@ class Client(EventEmitter):
         self.upstream = upstream
 
     def load(self, name, **options):
-        """Import the plugin called name (or a dotted module path) and call its call(client, **options).
+        """Import the plugin called name (or a dotted module path) and call its call(client, **options)
+        with every option of its OPTIONS table: those given, checked, and the defaults of the others.
 
         Returns the plugin: what call() returned, or the module when that is None; None when
-        loading failed (logged; the client carries on without it).
+        loading failed, an unknown option or a refused value included (logged; the client carries
+        on without it).
         """
         try:
             module = plugin_module(name)
+            table = getattr(module, "OPTIONS", {})
+            if isinstance(options.get("data"), dict) and "data" not in table:  # the Perl form: data => {...}
+                options = dict(options.pop("data"), **options)
+            options = read_options(module.__name__.rpartition(".")[2], table, options)
             plugin = module.call(self, **options)
-        except (OSError, ValueError, TypeError) as e:
+        except (ImportError, OSError, ValueError, TypeError) as e:
             self.log.error("插件[%s]加载失败 (plugin failed to load): %s", name, e)
             return None
         except Exception:
@@ -3686,13 +3848,32 @@ def tls_context(entry):
 
 
 def parse_listen(text):
-    """"host:port" (or ":port", "port", "[::1]:port") as a listen entry {host, port}."""
+    """"host:port" (or ":port", "port", "[::1]:port") as a listen entry {host, port}; ValueError otherwise."""
     text = str(text).strip()
     host, _, port = text.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     if not port.isdigit():
         raise ValueError("listen address %r is not host:port" % text)
+    if int(port) > 65535:
+        raise ValueError("listen address %r: port %s is out of range (0 to 65535)" % (text, port))
     return {"host": host, "port": int(port)}
+
+
+def check_listen(value):
+    """A check: listen addresses (host:port text, comma-separated, or {host, port} objects, or a list of them)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, dict):
+            port = to_int(item.get("port", 0))
+            if port is None or not 0 <= port <= 65535:
+                raise ValueError("must be host:port with a port from 0 to 65535, not %s" % json_dumps(item))
+            continue
+        for text in str(item).split(","):
+            try:
+                parse_listen(text)
+            except ValueError:
+                raise ValueError("must be host:port with a port from 0 to 65535, not %r" % text.strip())
+    return value
 
 
 def listen_entries(value, tls=None, default_port=5000):
@@ -4062,28 +4243,34 @@ def open_qrcode_in_viewer(path, png=None):
 QR_DISPLAYS = {"terminal": show_qrcode_in_terminal, "file": print_qrcode_path, "viewer": open_qrcode_in_viewer}
 QR_HELP = {"terminal": "terminal (drawn in this window)", "file": "file (its path printed)",
            "viewer": "viewer (opened in the image viewer)"}
-# Modes a plugin provides, by the plugin's name; loading the plugin turns the mode on.
+# Modes a plugin provides, by the plugin's name: loading the plugin turns the mode on (unless the modes are none).
 QR_PLUGINS = {"console": "console", "email": "qrmail"}
 
 
 def start_qr_displays(client):
-    """Subscribe the built-in QR displays the qrcode_display option names; log each mode that is on."""
-    log = client.log
-    modes = [mode.strip().lower() for mode in str(client.options["qrcode_display"] or "").split(",")]
-    for mode in [m for m in modes if m and m != "none"]:
-        if mode in QR_DISPLAYS:
-            if mode == "viewer" and desktop_viewer() is None:
-                log.info("二维码显示方式 viewer: 没有桌面，不打开图片 (QR display viewer is off: no desktop)")
-                continue
+    """Turn on the QR displays qrcode_display names (the built-in ones, and the plugins loaded that show QR
+    codes, which have qr_display and show_qrcode), and log each one: only when the upstream shows QR codes."""
+    if not getattr(client.upstream, "qr_login", True):
+        return
+    log, modes = client.log, qr_modes(client.options["qrcode_display"])
+    for mode in modes:
+        if mode == "viewer" and desktop_viewer() is None:
+            log.info("二维码显示方式 viewer: 没有桌面，不打开图片 (QR display viewer is off: no desktop)")
+        elif mode in QR_DISPLAYS:
             client.on("input_qrcode", QR_DISPLAYS[mode])
             log.info("二维码显示方式 (QR display): %s", QR_HELP[mode])
-        elif mode in QR_PLUGINS:
-            if client.plugin(QR_PLUGINS[mode]) is None:
-                log.warning("二维码显示方式 %s 需要插件 %s (QR display %s needs the %s plugin: add a [%s] section)",
-                            mode, QR_PLUGINS[mode], mode, QR_PLUGINS[mode], QR_PLUGINS[mode])
-        else:
-            log.warning("未知的二维码显示方式 %r (unknown qrcode_display mode; known: %s)",
-                        mode, ", ".join(sorted(set(QR_DISPLAYS) | set(QR_PLUGINS) | {"none"})))
+        elif mode in QR_PLUGINS and client.plugin(QR_PLUGINS[mode]) is None:
+            log.warning("二维码显示方式 %s 需要插件 %s (QR display %s needs the %s plugin: add a [%s] section)",
+                        mode, QR_PLUGINS[mode], mode, QR_PLUGINS[mode], QR_PLUGINS[mode])
+    for name, plugin in client.plugins:
+        if not hasattr(plugin, "show_qrcode"):
+            continue
+        if modes == ["none"]:
+            log.info("二维码显示方式 none: 插件 %s 不显示二维码 (qrcode_display is none: the %s plugin shows no QR code)",
+                     name, name)
+            continue
+        client.on("input_qrcode", plugin.show_qrcode)
+        log.info("二维码显示方式 (QR display): %s", plugin.qr_display)
 
 
 ###############################################################################
@@ -4098,7 +4285,8 @@ MAIN_OPTIONS = collections.OrderedDict([
     ("restart", (False, "start a new client after one stopped with an error (logged out, login failed)")),
     ("restart_delay", (5.0, "seconds before the first restart; the wait doubles after each one")),
     ("restart_delay_max", (300.0, "longest wait between two restarts, in seconds")),
-    ("pause_on_error", ("auto", "wait for Enter after a fatal error: yes, no, auto (when the window would close)")),
+    ("pause_on_error", ("auto", "wait for Enter after a fatal error: yes, no, auto (when the window would close)",
+                        yes_no_auto)),
 ])
 
 # What the command line uses when nothing sets it: the plugins, and client options it sets differently.
@@ -4137,19 +4325,10 @@ def top_options():
 
 
 def plugin_options(name):
-    """A plugin's options {name: (default, help)}, from its OPTIONS table or call() signature and its
-    OPTION_HELP (an option whose help is None is not for INI files); None: any option."""
-    import inspect
-    module = plugin_module(name)
-    helps = getattr(module, "OPTION_HELP", {})
-    table = getattr(module, "OPTIONS", None)
-    if table is None:
-        params = list(inspect.signature(module.call).parameters.values())[1:]
-        if any(p.kind == p.VAR_KEYWORD for p in params):
-            return None
-        table = collections.OrderedDict((p.name, None if p.default is p.empty else p.default) for p in params)
-    return collections.OrderedDict((key, (default, helps.get(key, ""))) for key, default in table.items()
-                                   if helps.get(key, "") is not None)
+    """The options of a plugin's OPTIONS table that a file can set (those with a help); NoPlugin if
+    there is no plugin called name."""
+    table = getattr(plugin_module(name), "OPTIONS", {})
+    return collections.OrderedDict((key, entry) for key, entry in table.items() if entry[1] is not None)
 
 
 def convert_value(text, default):
@@ -4232,7 +4411,7 @@ class Settings(object):
 
     def __init__(self, plugins=DEFAULT_PLUGINS):
         self.options = {}
-        self.main = {name: default for name, (default, _) in MAIN_OPTIONS.items()}
+        self.main = dict(option_defaults(MAIN_OPTIONS))
         self.plugins = collections.OrderedDict((name, {}) for name in plugins)
         self.path = None
         self._tables = {}
@@ -4244,25 +4423,25 @@ class Settings(object):
         if section not in self._tables:
             try:
                 self._tables[section] = plugin_options(section)
+            except NoPlugin as e:
+                raise ConfigError(where, "[%s] is not a plugin webqq can load (%s)" % (section, e.hint))
             except Exception as e:
                 raise ConfigError(where, "[%s] is not a plugin webqq can load (%s)" % (section, e))
         return self._tables[section]
 
     def set(self, section, key, text, where):
-        """Set one option from text; ConfigError naming where for an unknown key or a value of the wrong type."""
+        """Set one option from text; ConfigError naming where for an unknown key, a value of the wrong
+        type, or one the option's check refuses."""
         table = self.table(section, where)
-        if table is not None and key not in table:
-            close = difflib.get_close_matches(key, list(table), 1)
-            raise ConfigError(where, "unknown option %r in [%s]%s" % (
-                key, section, " (did you mean %r?)" % close[0] if close else ""))
-        default = table[key][0] if table is not None else None
-        if text.strip() == "":
-            value = default
-        else:
-            try:
-                value = convert_value(text, default)
-            except ValueError as e:
-                raise ConfigError(where, "%s %s" % (key, e))
+        if key not in table:
+            raise ConfigError(where, "unknown option %r in [%s]%s" % (key, section, did_you_mean(key, table)))
+        default = table[key][0]
+        try:
+            value = default if text.strip() == "" else check_option(key, table[key], convert_value(text, default))
+        except OptionError as e:
+            raise ConfigError(where, str(e))
+        except ValueError as e:
+            raise ConfigError(where, "%s %s" % (key, e))
         if section == "webqq":
             (self.main if key in MAIN_OPTIONS else self.options)[key] = value
         else:
@@ -4301,10 +4480,8 @@ class Settings(object):
             for plugin in plugins:
                 key = name[len(plugin) + 1:]
                 if name.startswith(plugin + "_") and key:
-                    table = self.table(plugin, where)
-                    if table is None or key in table:
-                        self.set(plugin, key, environ[var], where)
-                        break
+                    self.set(plugin, key, environ[var], where)
+                    break
 
     def render(self):
         """The settings as INI text (what --check-config prints)."""
@@ -4342,16 +4519,16 @@ def config_text():
     for topic, names in option_topics():
         out += ["", "# -- %s --" % topic]
         for name in names:
-            default, help_text = table[name]
+            default, help_text = table[name][:2]
             out += ["# %s" % help_text, ("# %s = %s" % (name, format_value(CLI_DEFAULTS.get(name, default)))).rstrip()]
     for name in DEFAULT_PLUGINS + OPTIONAL_PLUGINS:
         on = name in DEFAULT_PLUGINS
         module = plugin_module(name)
         summary = (module.__doc__ or name).strip().splitlines()[0]
         out += ["", "", "# %s" % summary, ("[%s]" if on else "# [%s]") % name]
-        for key, (default, help_text) in (plugin_options(name) or {}).items():
+        for key, entry in plugin_options(name).items():
             prefix = "# " if on else "# # "
-            out += [prefix + (help_text or key), ("# %s = %s" % (key, format_value(default))).rstrip()]
+            out += [prefix + entry[1], ("# %s = %s" % (key, format_value(entry[0]))).rstrip()]
     return "\n".join(out) + "\n"
 
 
@@ -4368,9 +4545,20 @@ def option_topics():
     return topics
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, saying which flag was meant when one is misspelt."""
+
+    def error(self, message):
+        unknown = re.match(r"unrecognized arguments: (-\S+)", message)
+        if unknown:
+            flags = [flag for action in self._actions for flag in action.option_strings]
+            message += did_you_mean(unknown.group(1).partition("=")[0], flags)
+        argparse.ArgumentParser.error(self, message)
+
+
 def build_parser():
     """The command line: flags grouped by topic; every [webqq] option has one (--send-interval 1)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="webqq", allow_abbrev=False, usage="%(prog)s [-c FILE] [--demo] [--init-config [PATH]] [options]",
         description="A QQ client serving the Openqq HTTP API of Mojo-Webqq. Settings come from webqq.ini "
                     "(next to webqq.py, or -c FILE), then WEBQQ_<OPTION> environment variables, then these flags.",
@@ -4398,7 +4586,7 @@ def build_parser():
     for topic, names in option_topics():
         group = parser.add_argument_group(topic)
         for name in names:
-            default, help_text = table[name]
+            default, help_text = table[name][:2]
             default = CLI_DEFAULTS.get(name, default)
             shown = format_value(default)
             kwargs = {"help": help_text + (" (default: %s)" % shown if shown else ""), "dest": "opt_" + name}

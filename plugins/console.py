@@ -23,11 +23,11 @@ from urllib.parse import quote
 
 from webqq import NOT_FOUND, ApiError, Response, json_dumps
 
-OPTIONS = collections.OrderedDict([("history", 50), ("hold", 25.0)])
-OPTION_HELP = {
-    "history": "messages (received and sent) the page shows at most",
-    "hold": "seconds a page's status request waits for something to change",
-}
+# option: (default, one line of help)
+OPTIONS = collections.OrderedDict([
+    ("history", (50, "messages (received and sent) the page shows at most")),
+    ("hold", (25.0, "seconds a page's status request waits for something to change")),
+])
 
 # What the page tells a person in each state.
 STATE_TEXT = {
@@ -41,13 +41,9 @@ class Console(object):
     """The page and its JSON: state, QR code, account, counts, last messages; stop() releases waiting pages."""
 
     def __init__(self, client, server, options):
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ValueError("console: unknown option(s) %s" % ", ".join(unknown))
-        opts = dict(OPTIONS, **options)
         self.client, self.server = client, server
-        self.hold = float(opts["hold"])
-        self.messages = collections.deque(maxlen=max(1, int(opts["history"])))
+        self.hold = float(options["hold"])
+        self.messages = collections.deque(maxlen=max(1, int(options["history"])))
         self.progress = {}
         self.qrcodes = 0
         self.seq = 0
@@ -57,8 +53,9 @@ class Console(object):
         client.on("all_event", self.on_event)
         server.mount("/console", self.handle)
         urls = ", ".join(url + "/console/" for url in server.urls)
-        client.log.info("二维码显示方式 (QR display): console, the web page %s%s", urls,
-                        " (add ?access_token=...)" if server.opts["access_token"] else "")
+        urls += " (add ?access_token=...)" if server.opts["access_token"] else ""
+        self.qr_display = "console, the web page " + urls
+        client.log.info("网页控制台 (web console): %s", urls)
 
     # -- what the page shows -------------------------------------------------
 
@@ -67,12 +64,17 @@ class Console(object):
             if name in ("receive_message", "send_message"):
                 self.seq += 1
                 self.messages.append(self.summary(self.seq, args[0]))
-            elif name == "input_qrcode":
-                self.qrcodes += 1
             elif name == "progress":
                 self.progress[args[0]] = [args[1], args[2]]
             elif name == "state_change" and args[1] == "updating":
                 self.progress = {}
+            self.version += 1
+            self.cond.notify_all()
+
+    def show_qrcode(self, path, png):
+        """A QR code to scan: the page shows it (the client calls this when the console is a QR display)."""
+        with self.cond:
+            self.qrcodes += 1
             self.version += 1
             self.cond.notify_all()
 
@@ -89,6 +91,10 @@ class Console(object):
                 "who": who, "where": place.displayname if place is not None else None,
                 "content": msg.content, "status": status}
 
+    def shows(self, png):
+        """Whether the page shows the QR code png: one is waiting, and the console is a QR display."""
+        return bool(png) and self.qrcodes > 0
+
     def status(self):
         """The page's view of the client, as JSON."""
         client, contacts = self.client, self.client.contacts
@@ -100,7 +106,8 @@ class Console(object):
             "user": {"name": user.displayname, "uid": user.uid} if user.id is not None else None,
             "counts": {"friends": len(contacts.friends()), "groups": len(contacts.groups()),
                        "discusses": len(contacts.discusses())},
-            "qrcode": base64.b64encode(png).decode("ascii") if png and state in ("loading", "scaning") else None,
+            "qrcode": base64.b64encode(png).decode("ascii") if self.shows(png) and state in ("loading", "scaning")
+            else None,
             "qrcode_number": self.qrcodes, "progress": dict(self.progress),
             "messages": list(self.messages),
         }
@@ -118,7 +125,7 @@ class Console(object):
             return self.wait(req)
         if req.path == "/console/qrcode.png":
             png = self.client.qrcode
-            if not png:
+            if not self.shows(png):
                 raise ApiError(404, NOT_FOUND, "no QR code is waiting for a scan")
             return Response(png, 200, [("Cache-Control", "no-store")], "image/png")
         raise ApiError(403, NOT_FOUND, "api not found")

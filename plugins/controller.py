@@ -39,9 +39,10 @@ import time
 from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
 import webqq
-from webqq import (ENV_PREFIX, ApiError, ApiServer, Client, Guard, Poller, Response, atomic_write, bad_request,
-                   check_protected, configure_logging, json_dumps, listen_entries, parse_listen, pid_alive,
-                   points_into, read_config, read_pid, remove_file, save_file, serve, to_list)
+from webqq import (ENV_PREFIX, ApiError, ApiServer, ArgumentParser, Client, Guard, Poller, Response, atomic_write,
+                   bad_request, check_listen, check_log_level, check_protected, check_url, configure_logging,
+                   json_dumps, listen_entries, parse_listen, pid_alive, points_into, read_config, read_options,
+                   read_pid, remove_file, save_file, serve, to_list)
 
 ###############################################################################
 # 1. Constants
@@ -75,11 +76,11 @@ STABLE_AFTER = 60.0        # seconds: a client up this long has its crash count 
 FAILED_STARTS_MAX = 5      # starts in a row that never answered (port taken, bad option) before giving up
 
 
-# option: (default, one line of help), in --help order.
+# option: (default, one line of help[, check]), in --help order; help None: not a flag (a Python function).
 OPTIONS = collections.OrderedDict([
-    ("listen", ([{"host": "127.0.0.1", "port": 4000}], "API address(es) of the controller")),
+    ("listen", ([{"host": "127.0.0.1", "port": 4000}], "API address(es) of the controller", check_listen)),
     ("access_token", (None, "require this token on every request (query access_token= or Bearer)")),
-    ("auth", (None, "a function(params, request) -> bool deciding every request (Python API only)")),
+    ("auth", (None, None)),      # a function(params, request) -> bool deciding every request
     ("allow_insecure", (False, "listen beyond loopback without an access_token")),
     ("allow_origin", ((), "browser origins allowed to call the API")),
     ("tmpdir", (None, "folder for the registry, pid, INI and client files (default: the system temp folder)")),
@@ -87,8 +88,8 @@ OPTIONS = collections.OrderedDict([
     ("backend_path", (None, "registry (default: tmpdir/mojo_webqq_controller_backend.json)")),
     ("backend_start_port", (5000, "first port tried for a client's Openqq API")),
     ("max_clients", (100, "how many clients may run at once")),
-    ("post_api", (None, "every client's post_api unless start_client gives one (client=NAME added)")),
-    ("poll_api", (None, "GET this URL in a loop; a redirect into this API is carried out")),
+    ("post_api", (None, "every client's post_api unless start_client gives one (client=NAME added)", check_url)),
+    ("poll_api", (None, "GET this URL in a loop; a redirect into this API is carried out", check_url)),
     ("poll_interval", (5.0, "seconds between two poll_api requests")),
     ("poll_timeout", (120.0, "seconds to wait for one poll_api answer")),
     ("check_interval", (1.0, "seconds between two checks of the clients")),
@@ -97,7 +98,8 @@ OPTIONS = collections.OrderedDict([
     ("stop_timeout", (10.0, "seconds a stopping client has before it is killed")),
     ("client_grace", (10.0, "seconds clients wait for a restarting controller before they stop")),
     ("proxy_timeout", (120.0, "seconds to wait for a client's answer to a proxied request")),
-    ("log_level", ("info", "debug info msg warn error fatal (also every client's, unless given)")),
+    ("log_level", ("info", "debug info msg warn error fatal (also every client's, unless given)",
+                   check_log_level)),
     ("log_path", (None, "log file, also every client's unless given (default: standard error)")),
 ])
 
@@ -441,11 +443,7 @@ class Controller(object):
     OPTIONS = OPTIONS
 
     def __init__(self, **options):
-        unknown = set(options) - set(self.OPTIONS)
-        if unknown:
-            raise TypeError("unknown controller option: %s" % ", ".join(sorted(unknown)))
-        opts = {name: default for name, (default, _) in self.OPTIONS.items()}
-        opts.update((k, v) for k, v in options.items() if v is not None)
+        opts = read_options("controller", self.OPTIONS, {k: v for k, v in options.items() if v is not None})
         for name in ("poll_interval", "poll_timeout", "check_interval", "start_timeout", "restart_delay",
                      "stop_timeout", "client_grace", "proxy_timeout"):
             opts[name] = float(opts[name])
@@ -798,15 +796,26 @@ class Controller(object):
 ###############################################################################
 
 
+def flag_type(check):
+    """An option's check as an argparse type: what the check refuses is the flag's error."""
+    def convert(text):
+        try:
+            return check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e))
+    return convert
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="webqq controller", description="The multi-account Controller API: one webqq process per account.")
-    for name, (default, text) in OPTIONS.items():
+    for name, entry in OPTIONS.items():
+        (default, text), check = entry[:2], entry[2] if len(entry) > 2 else None
         flag = "--" + name.replace("_", "-")
-        if name == "auth":
+        if text is None:
             continue
         if name == "listen":
-            parser.add_argument(flag, action="append", type=parse_listen, metavar="HOST:PORT",
+            parser.add_argument(flag, action="append", type=flag_type(parse_listen), metavar="HOST:PORT",
                                 help=text + " (default 127.0.0.1:4000; repeat for more)")
         elif name == "allow_origin":
             parser.add_argument(flag, action="append", metavar="ORIGIN", help=text)
@@ -815,7 +824,8 @@ def build_parser():
         elif isinstance(default, (int, float)):
             parser.add_argument(flag, type=type(default), help="%s (default %s)" % (text, default))
         else:
-            parser.add_argument(flag, help=text + (" (default %s)" % default if default else ""))
+            parser.add_argument(flag, type=flag_type(check) if check else None,
+                                help=text + (" (default %s)" % default if default else ""))
     return parser
 
 

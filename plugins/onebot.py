@@ -33,51 +33,34 @@ import time
 import webqq
 from webqq import (AUTH_FAILED, BAD_REQUEST, FACES, NOT_RUNNING, OWN_AGENT, ApiError, ApiServer, Friend, Group,
                    GroupMember, Http, LoginFailed, NeedRelogin, Response, Stopped, TransportError, Upstream,
-                   UpstreamError, User, bad_request, encode_content, final_status, is_loopback, json_dumps,
-                   parse_listen, to_bool, to_int)
+                   UpstreamError, User, bad_request, check_listen, check_url, encode_content, final_status,
+                   is_loopback, json_dumps, parse_listen, to_bool, to_int)
 
 ###############################################################################
 # 1. Constants
 ###############################################################################
 
-# Every option with its default; docs/onebot.md explains each one.
-OPTIONS = {
-    "url": "http://127.0.0.1:3000",
-    "access_token": None,
-    "listen": "127.0.0.1:8080",
-    "secret": None,
-    "self_id": None,
-    "allow_insecure": False,
-    "timeout": None,
-    "status_interval": 30.0,
-    "status_failures_max": 3,
-    "poll_hold": 1.0,
-    "send_rate": 1.0,
-    "send_burst": 5,
-    "dedup_size": 4096,
-    "dedup_ttl": 300.0,
-    "queue_size": 10000,
-    "max_body_size": 4194304,
-}
-# One line of help per option, for --init-config and --help.
-OPTION_HELP = {
-    "url": "the HTTP API of NapCat / LLOneBot (its HTTP server: host and port)",
-    "access_token": "the token of that HTTP API (sent as Authorization: Bearer)",
-    "listen": "host:port where NapCat / LLOneBot POSTs events (its HTTP client / http-post URL)",
-    "secret": "the key of the X-Signature of those posts (NapCat/LLOneBot call it the token of the HTTP client)",
-    "self_id": "the QQ number expected; another account logged in there is refused",
-    "allow_insecure": "receive events on a non-loopback address without a secret (not recommended)",
-    "timeout": "seconds to wait for one API call (default: http_timeout)",
-    "status_interval": "seconds between two get_status checks when no heartbeat comes",
-    "status_failures_max": "unanswered checks in a row before the bridge counts the implementation as gone",
-    "poll_hold": "seconds the poll loop waits for events before checking liveness again",
-    "send_rate": "sends (and bans, kicks) per second at most, after a burst; 0 for no limit",
-    "send_burst": "sends allowed at once before send_rate applies",
-    "dedup_size": "event keys remembered to drop duplicated posts",
-    "dedup_ttl": "seconds an event key is remembered",
-    "queue_size": "events waiting to be processed at most (more are refused with HTTP 503)",
-    "max_body_size": "largest event post, in bytes",
-}
+# option: (default, one line of help[, check]); docs/onebot.md explains each one.
+OPTIONS = collections.OrderedDict([
+    ("url", ("http://127.0.0.1:3000", "the HTTP API of NapCat / LLOneBot (its HTTP server: host and port)",
+             check_url)),
+    ("access_token", (None, "the token of that HTTP API (sent as Authorization: Bearer)")),
+    ("listen", ("127.0.0.1:8080", "host:port where NapCat / LLOneBot POSTs events (its HTTP client URL)",
+                check_listen)),
+    ("secret", (None, "the key of the X-Signature of those posts (NapCat/LLOneBot: the HTTP client's token)")),
+    ("self_id", (None, "the QQ number expected; another account logged in there is refused")),
+    ("allow_insecure", (False, "receive events on a non-loopback address without a secret (not recommended)")),
+    ("timeout", (None, "seconds to wait for one API call (default: http_timeout)")),
+    ("status_interval", (30.0, "seconds between two get_status checks when no heartbeat comes")),
+    ("status_failures_max", (3, "unanswered checks in a row before the bridge counts the implementation as gone")),
+    ("poll_hold", (1.0, "seconds the poll loop waits for events before checking liveness again")),
+    ("send_rate", (1.0, "sends (and bans, kicks) per second at most, after a burst; 0 for no limit")),
+    ("send_burst", (5, "sends allowed at once before send_rate applies")),
+    ("dedup_size", (4096, "event keys remembered to drop duplicated posts")),
+    ("dedup_ttl", (300.0, "seconds an event key is remembered")),
+    ("queue_size", (10000, "events waiting to be processed at most (more are refused with HTTP 503)")),
+    ("max_body_size", (4194304, "largest event post, in bytes")),
+])
 
 # What a received segment shows as in Openqq content (text, face and at are rendered apart).
 PLACEHOLDERS = {"image": "[图片]", "record": "[语音]", "video": "[视频]", "file": "[文件]", "json": "[分享]",
@@ -449,11 +432,12 @@ class OneBot(Upstream):
 
     name = "onebot"
     stable_ids = True      # QQ numbers: a relogin compares the contacts
+    qr_login = False     # the implementation logs the account in: webqq never shows a QR code
 
     def __init__(self, client, options):
         Upstream.__init__(self, client)
         self.log = client.log.getChild("onebot")
-        self.opts = opts = read_options(options, client)
+        self.opts = opts = prepare_options(options, client)
         self.api = OneBotApi(opts["url"], opts["access_token"], opts["timeout"], self.log)
         self.nickname = None
         self.events = Mailbox(opts["queue_size"])      # raw posts, receiver -> worker
@@ -923,13 +907,10 @@ def listen_entry(value):
     raise ValueError("onebot: listen must be host:port (one address)")
 
 
-def read_options(options, client):
-    """The options with their defaults, types checked; ValueError for a mistake (unknown names too,
-    since a misspelt secret would silently leave the receiver open)."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError("onebot: unknown option(s) %s" % ", ".join(unknown))
-    opts = dict(OPTIONS, **options)
+def prepare_options(options, client):
+    """The options (every one of OPTIONS: Client.load read them) as the bridge uses them; ValueError
+    for a mistake."""
+    opts = dict(options)
     if opts["timeout"] is None:
         opts["timeout"] = client.options["http_timeout"]
     for name in ("timeout", "status_interval", "poll_hold", "send_rate", "dedup_ttl"):

@@ -30,8 +30,8 @@ import time
 
 import webqq
 from webqq import (NOT_FOUND, NOT_RUNNING, OWN_AGENT, ApiError, ApiServer, Guard, Http, Poller, Response,
-                   TransportError, bad_request, check_protected, json_dumps, listen_entries, points_into, serve,
-                   to_bool, to_int, to_list)
+                   TransportError, bad_request, check_listen, check_protected, check_url, json_dumps, listen_entries,
+                   points_into, serve, to_bool, to_int, to_list)
 
 ###############################################################################
 # 1. Constants
@@ -41,69 +41,42 @@ from webqq import (NOT_FOUND, NOT_RUNNING, OWN_AGENT, ApiError, ApiServer, Guard
 DEFAULT_EVENTS = ("login", "stop", "state_change", "input_qrcode", "new_group", "new_friend",
                   "new_group_member", "lose_group", "lose_friend", "lose_group_member")
 
-# Every option with its default; docs/openqq.md explains each one.
-OPTIONS = {
-    "listen": None,                       # [{"host": "127.0.0.1", "port": 5000}]
-    "access_token": None,
-    "auth": None,
-    "allow_insecure": False,
-    "allow_origin": (),
-    "tls_cert": None, "tls_key": None, "tls_ca": None, "tls_ciphers": None,
-    "request_timeout": ApiServer.request_timeout,
-    "max_body_size": ApiServer.max_body_size,
-    "max_connections": ApiServer.max_connections,
-    "post_api": None,
-    "post_event": True,
-    "post_event_list": DEFAULT_EVENTS,
-    "post_stdout": False,
-    "post_secret": None,
-    "post_timeout": 5,
-    "post_retries": 6,
-    "post_retry_backoff": 1.0,
-    "post_queue_size": 1000,
-    "post_workers": 4,
-    "post_media_data": True,              # accepted for compatibility; unused, as in the original
-    "check_event_list_max_size": 20,
-    "check_event_timeout": 30,
-    "check_event_history_size": 1000,
-    "poll_api": None,
-    "poll_interval": 5,
-    "poll_timeout": 120,
-    "stop_delay": 3,
-}
-# One line of help per option, for the commented webqq.ini (None: not settable from a file).
-OPTION_HELP = {
-    "listen": "addresses to serve on: JSON list of {host, port} or host:port text (default 127.0.0.1:5000)",
-    "access_token": "require this token on every request (?access_token= or Authorization: Bearer)",
-    "auth": None,
-    "allow_insecure": "start on a non-loopback address without a token (not recommended)",
-    "allow_origin": "browser origins allowed to call the API cross-site (* for any)",
-    "tls_cert": "TLS certificate file for every listen entry",
-    "tls_key": "TLS private key file",
-    "tls_ca": "CA file: with it, client certificates are required",
-    "tls_ciphers": "OpenSSL cipher list for TLS",
-    "request_timeout": "seconds a request may take to arrive whole, and an idle connection may stay open",
-    "max_body_size": "largest request body, in bytes",
-    "max_connections": "open connections per listen address",
-    "post_api": "URL that every message and listed event is POSTed to as JSON",
-    "post_event": "false: report messages only, no events",
-    "post_event_list": "events to report (comma-separated)",
-    "post_stdout": "also print every report as one JSON line on standard output",
-    "post_secret": "sign reports: X-Signature: sha1=<HMAC-SHA1 of the body with this key>",
-    "post_timeout": "seconds to wait for one post_api answer",
-    "post_retries": "retries of a report after a connection error or HTTP 502/503/504",
-    "post_retry_backoff": "first retry delay in seconds; it doubles each time",
-    "post_queue_size": "reports waiting for delivery at most (the oldest is dropped beyond)",
-    "post_workers": "delivery threads",
-    "post_media_data": "accepted and ignored, as in the original",
-    "check_event_list_max_size": "events check_event keeps (the oldest is dropped beyond)",
-    "check_event_timeout": "seconds a check_event long poll waits before answering []",
-    "check_event_history_size": "events kept for cursor readers",
-    "poll_api": "URL to GET forever while the client runs (reverse calls)",
-    "poll_interval": "seconds between two poll_api requests",
-    "poll_timeout": "seconds to wait for one poll_api answer",
-    "stop_delay": "seconds between the answer of stop_client / relogin and the action",
-}
+# option: (default, one line of help[, check]); docs/openqq.md explains each one. A help of None: an
+# option no file can set.
+OPTIONS = collections.OrderedDict([
+    ("listen", (None, "addresses to serve on: JSON list of {host, port} or host:port text (default 127.0.0.1:5000)",
+               check_listen)),
+    ("access_token", (None, "require this token on every request (?access_token= or Authorization: Bearer)")),
+    ("auth", (None, None)),
+    ("allow_insecure", (False, "start on a non-loopback address without a token (not recommended)")),
+    ("allow_origin", ((), "browser origins allowed to call the API cross-site (* for any)")),
+    ("tls_cert", (None, "TLS certificate file for every listen entry")),
+    ("tls_key", (None, "TLS private key file")),
+    ("tls_ca", (None, "CA file: with it, client certificates are required")),
+    ("tls_ciphers", (None, "OpenSSL cipher list for TLS")),
+    ("request_timeout", (ApiServer.request_timeout,
+                         "seconds a request may take to arrive whole, and an idle connection may stay open")),
+    ("max_body_size", (ApiServer.max_body_size, "largest request body, in bytes")),
+    ("max_connections", (ApiServer.max_connections, "open connections per listen address")),
+    ("post_api", (None, "URL that every message and listed event is POSTed to as JSON", check_url)),
+    ("post_event", (True, "false: report messages only, no events")),
+    ("post_event_list", (DEFAULT_EVENTS, "events to report (comma-separated)")),
+    ("post_stdout", (False, "also print every report as one JSON line on standard output")),
+    ("post_secret", (None, "sign reports: X-Signature: sha1=<HMAC-SHA1 of the body with this key>")),
+    ("post_timeout", (5, "seconds to wait for one post_api answer")),
+    ("post_retries", (6, "retries of a report after a connection error or HTTP 502/503/504")),
+    ("post_retry_backoff", (1.0, "first retry delay in seconds; it doubles each time")),
+    ("post_queue_size", (1000, "reports waiting for delivery at most (the oldest is dropped beyond)")),
+    ("post_workers", (4, "delivery threads")),
+    ("post_media_data", (True, "accepted and ignored, as in the original")),
+    ("check_event_list_max_size", (20, "events check_event keeps (the oldest is dropped beyond)")),
+    ("check_event_timeout", (30, "seconds a check_event long poll waits before answering []")),
+    ("check_event_history_size", (1000, "events kept for cursor readers")),
+    ("poll_api", (None, "URL to GET forever while the client runs (reverse calls)", check_url)),
+    ("poll_interval", (5, "seconds between two poll_api requests")),
+    ("poll_timeout", (120, "seconds to wait for one poll_api answer")),
+    ("stop_delay", (3, "seconds between the answer of stop_client / relogin and the action")),
+])
 
 MESSAGE_TYPES = frozenset(("friend_message", "group_message", "discuss_message", "sess_message"))
 # Parameters that steer a request and are never search attributes.
@@ -733,7 +706,7 @@ class Openqq(object):
     def __init__(self, client, options):
         self.client = client
         self.log = client.log.getChild("openqq")
-        self.opts = self.read_options(options)
+        self.opts = self.prepare_options(options)
         try:
             self.entries = listen_entries(self.opts["listen"], self.opts)
         except ValueError as e:
@@ -755,13 +728,10 @@ class Openqq(object):
         self.stop_lock = threading.Lock()
         self.stdout_lock = threading.Lock()
 
-    def read_options(self, options):
-        if isinstance(options.get("data"), dict):       # the Perl form: load("Openqq", data => {...})
-            options = dict(options.pop("data"), **options)
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            self.log.warning("openqq: unknown option(s) ignored: %s", ", ".join(unknown))
-        opts = dict(OPTIONS, **{k: v for k, v in options.items() if k in OPTIONS})
+    def prepare_options(self, options):
+        """The options (every one of OPTIONS: Client.load read them) as the plugin uses them; ValueError
+        for a mistake."""
+        opts = dict(options)
         for name in ("allow_insecure", "post_event", "post_stdout"):
             opts[name] = to_bool(opts[name])
         for name in ("request_timeout", "post_timeout", "post_retry_backoff", "check_event_timeout",

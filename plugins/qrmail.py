@@ -23,33 +23,25 @@ import time
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
-OPTIONS = collections.OrderedDict([
-    ("host", None),
-    ("port", None),
-    ("tls", "ssl"),
-    ("user", None),
-    ("password", None),
-    ("to", None),
-    ("from", None),
-    ("subject", "webqq: scan this QR code to log in ({account})"),
-    ("cafile", None),
-    ("timeout", 30.0),
-])
-
-OPTION_HELP = {
-    "host": "SMTP server, e.g. smtp.qq.com (required)",
-    "port": "SMTP port (default: 465 with tls = ssl, 587 with starttls, 25 with none)",
-    "tls": "ssl (TLS from the start), starttls, or none (only for a relay on this machine)",
-    "user": "SMTP login (default: no login)",
-    "password": "SMTP password or authorisation code (better: WEBQQ_QRMAIL_PASSWORD)",
-    "to": "recipients, comma-separated (required)",
-    "from": "sender address (default: user)",
-    "subject": "mail subject; {account} and {number} are replaced",
-    "cafile": "CA certificates to trust for the server (default: the system's)",
-    "timeout": "seconds to wait for the server",
-}
+from webqq import check_port, one_of
 
 DEFAULT_PORTS = {"ssl": 465, "starttls": 587, "none": 25}
+
+# option: (default, one line of help[, check])
+OPTIONS = collections.OrderedDict([
+    ("host", (None, "SMTP server, e.g. smtp.qq.com (required)")),
+    ("port", (None, "SMTP port (default: 465 with tls = ssl, 587 with starttls, 25 with none)", check_port)),
+    ("tls", ("ssl", "ssl (TLS from the start), starttls, or none (only for a relay on this machine)",
+             one_of(*DEFAULT_PORTS))),
+    ("user", (None, "SMTP login (default: no login)")),
+    ("password", (None, "SMTP password or authorisation code (better: WEBQQ_QRMAIL_PASSWORD)")),
+    ("to", (None, "recipients, comma-separated (required)")),
+    ("from", (None, "sender address (default: user)")),
+    ("subject", ("webqq: scan this QR code to log in ({account})",
+                 "mail subject; {account} and {number} are replaced")),
+    ("cafile", (None, "CA certificates to trust for the server (default: the system's)")),
+    ("timeout", (30.0, "seconds to wait for the server")),
+])
 ATTEMPTS = 3  # per QR code, a few seconds apart (connections get reset: qqbot #344)
 
 
@@ -57,16 +49,10 @@ class QRMail(object):
     """Mails each new QR code from its own thread; stop() ends the thread."""
 
     def __init__(self, client, options):
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ValueError("qrmail: unknown option(s) %s" % ", ".join(unknown))
-        opts = dict(OPTIONS, **options)
+        opts = dict(options)
         for name in ("host", "to"):
             if not opts[name]:
                 raise ValueError("qrmail: option %s is required" % name)
-        opts["tls"] = str(opts["tls"]).lower()
-        if opts["tls"] not in DEFAULT_PORTS:
-            raise ValueError("qrmail: tls must be ssl, starttls or none, not %r" % opts["tls"])
         opts["port"] = int(opts["port"] or DEFAULT_PORTS[opts["tls"]])
         opts["timeout"] = float(opts["timeout"])
         recipients = opts["to"] if isinstance(opts["to"], (list, tuple)) else str(opts["to"]).split(",")
@@ -80,12 +66,11 @@ class QRMail(object):
         self.stopped = False
         self.thread = threading.Thread(target=self.work, name="qrmail", daemon=True)
         self.thread.start()
-        client.on("input_qrcode", self.on_qrcode)
         client.on("login", self.on_login)
-        self.log.info("二维码显示方式 (QR display): email to %s via %s:%d (%s)",
-                      ", ".join(self.to), opts["host"], opts["port"], opts["tls"])
+        self.qr_display = "email to %s via %s:%d (%s)" % (", ".join(self.to), opts["host"], opts["port"], opts["tls"])
 
-    def on_qrcode(self, path, png):
+    def show_qrcode(self, path, png):
+        """A QR code to scan: mail it (the client calls this when e-mail is a QR display)."""
         with self.cond:
             self.count += 1
             self.pending = (self.count, png)

@@ -4,10 +4,13 @@ Options: allow_group / ban_group (group names or numbers, a list or a comma-sepa
 limit which groups' messages are printed.
 """
 
-OPTION_HELP = {
-    "allow_group": "print only the messages of these groups (names or numbers, comma-separated)",
-    "ban_group": "never print the messages of these groups",
-}
+import collections
+
+# option: (default, one line of help)
+OPTIONS = collections.OrderedDict([
+    ("allow_group", (None, "print only the messages of these groups (names or numbers, comma-separated)")),
+    ("ban_group", (None, "never print the messages of these groups")),
+])
 LABELS = {"friend_message": "好友消息", "group_message": "群消息", "discuss_message": "讨论组消息",
           "sess_message": "临时消息"}
 CHANGES = {
@@ -40,7 +43,8 @@ def describe(msg):
     return line
 
 
-def call(client, allow_group=None, ban_group=None):
+def call(client, allow_group, ban_group):
+    """The plugin entry point: print client's messages and contact changes."""
     allowed, banned = _names(allow_group), _names(ban_group)
 
     def shown(msg):

@@ -81,7 +81,7 @@ def browser():
 @pytest.fixture
 def console(sim, make_client):
     """A client (not started) serving the console with a token; .url is the server's base URL."""
-    client = make_client()
+    client = make_client(qrcode_display="console")
     server = client.load("openqq", listen=[{"host": "127.0.0.1", "port": 0}], access_token=TOKEN)
     plugin = client.load("console", hold=2)
     assert server is not None and plugin is not None

@@ -138,7 +138,7 @@ def qr_of(mail):
 
 
 def test_each_new_qr_code_is_mailed_once_over_starttls(sim, make_client, smtp, self_signed):
-    client = make_client(account="mailer")
+    client = make_client(account="mailer", qrcode_display="email")
     plugin = client.load("qrmail", host="127.0.0.1", port=smtp.port, tls="starttls", cafile=self_signed,
                          user="me@example.com", password="授权码 code", to="a@example.com, b@example.com",
                          timeout=5)
@@ -168,7 +168,7 @@ def test_each_new_qr_code_is_mailed_once_over_starttls(sim, make_client, smtp, s
 
 @pytest.mark.parametrize("smtp", ["ssl"], indirect=True)
 def test_tls_from_the_start(sim, make_client, smtp, self_signed):
-    client = make_client()
+    client = make_client(qrcode_display="email")
     client.load("qrmail", host="127.0.0.1", port=smtp.port, tls="ssl", cafile=self_signed, to="a@example.com",
                 user="bot", password="s3cret", **{"from": "webqq@example.com", "subject": "QR #{number} for {account}"})
     client.start()
@@ -180,7 +180,7 @@ def test_tls_from_the_start(sim, make_client, smtp, self_signed):
 
 
 def test_untrusted_certificate_is_refused_not_ignored(sim, make_client, smtp):
-    client = make_client()
+    client = make_client(qrcode_display="email")
     warnings = LogLines(logging.WARNING)
     try:
         plugin = client.load("qrmail", host="127.0.0.1", port=smtp.port, tls="starttls", to="a@example.com",
@@ -202,11 +202,16 @@ def test_untrusted_certificate_is_refused_not_ignored(sim, make_client, smtp):
     ({"to": "a@example.com"}, "qrmail: option host is required"),
     ({"host": "smtp.example.com"}, "qrmail: option to is required"),
     ({"host": "smtp.example.com", "to": "a@b", "tls": "maybe"}, "qrmail: tls must be ssl, starttls or none"),
-    ({"host": "smtp.example.com", "to": "a@b", "passwd": "x"}, "qrmail: unknown option(s) passwd"),
+    ({"host": "smtp.example.com", "to": "a@b", "port": 99999}, "qrmail: port must be a port from 1 to 65535"),
+    ({"host": "smtp.example.com", "to": "a@b", "passwd": "x"},
+     "qrmail: unknown option 'passwd' (did you mean 'password'?)"),
 ])
 def test_bad_options_are_refused_at_load(options, error, make_client):
-    from webqq_plugins import qrmail
     client = make_client()
-    with pytest.raises(ValueError) as info:
-        qrmail.call(client, **options)
-    assert str(info.value).startswith(error)
+    errors = LogLines(logging.ERROR)
+    try:
+        assert client.load("qrmail", **options) is None
+    finally:
+        errors.close()
+    assert len(errors.lines) == 1 and errors.lines[0].startswith("插件[qrmail]加载失败 (plugin failed to load): " + error)
+    assert client.plugins == []
