@@ -5,13 +5,17 @@
 It serves the HTTP API (``/<action>`` by GET query, form or JSON body, ``Authorization:
 Bearer`` or ``?access_token=``) over an in-memory account, and POSTs events to a receiver
 (``X-Self-ID``, ``X-Signature: sha1=<HMAC-SHA1 of the body>``), the way the live
-implementations do, quirks included (spec/onebot-v11-bridge.md section 3).
+implementations do, quirks included (docs/onebot.md, "the simulator", lists them).
 
 Command line
 ------------
     python scripts/onebot_sim.py [--profile spec|gocq|napcat|llonebot] [--host 127.0.0.1]
         [--port 3000] [--token T] [--secret S] [--post-url URL] [--heartbeat SECONDS]
         [--world FILE] [--verbose]
+    python scripts/onebot_sim.py [--host 127.0.0.1] [--port 3000] --say TEXT --from USER_ID [--group GROUP_ID]
+
+The second form asks the simulator running on that port to post a message (a friend's, or a
+group member's with --group) to webqq, prints the event and exits.
 
 Python API (names are a contract; tests of the bridge use them)
 ---------------------------------------------------------------
@@ -47,8 +51,15 @@ segments; it is posted in the profile's format (``post_format`` knob). Posts mad
 test's own calls are synchronous; notices caused by actions (a kick, a ban, a self
 message) are posted from the ``onebot-sim-poster`` thread, in order.
 
-Profiles (spec/onebot-v11-bridge.md sections 3.1 and 3.2)
----------------------------------------------------------
+HTTP control API on the same port (no token): ``GET /sim/state|calls|sent|posts|world``;
+``POST /sim/<method>`` with a JSON object of keyword arguments for the methods above that post
+events or change the world (post_private_message, post_group_message, post_notice, post_event,
+heartbeat, set_online, join_group, leave_group, add_friend, remove_friend, remove_member,
+update_member, update_group, remove_group, fault, post_fault, configure); answers
+``{"ok": true, "result": ...}`` or HTTP 400 ``{"ok": false, "error": ...}``.
+
+Profiles
+--------
     spec      unknown action: HTTP 404, empty body; token missing 401, wrong 403; failures
               retcode 100; ``_async``/``_rate_limited`` answer status "async"; other
               Content-Types 406; events in string (CQ) format; no temp sessions
@@ -61,7 +72,7 @@ Profiles (spec/onebot-v11-bridge.md sections 3.1 and 3.2)
               failures retcode 200; every answer has message, wording, stream and a random
               echo; token problems 403 {"message": "token verify failed!"}; any body read as
               JSON; array format; a temp-session send whose user it cannot resolve in that
-              group goes to the group chat instead (the hazard of section 2.4); going
+              group goes to the group chat instead (docs/onebot.md, temporary sessions); going
               offline posts a bot_offline notice
     llonebot  unknown action: HTTP 404 with retcode 404; validation 400; failures retcode 200;
               token problems 403; any body read as JSON; array format
@@ -134,6 +145,10 @@ KNOBS = {
     "heartbeat_interval": None,
     "unlisted_groups": (),
 }
+# What POST /sim/<method> may call.
+CONTROL_METHODS = ("post_private_message", "post_group_message", "post_notice", "post_event", "heartbeat",
+                   "set_online", "join_group", "leave_group", "add_friend", "remove_friend", "remove_member",
+                   "update_member", "update_group", "remove_group", "fault", "post_fault", "configure")
 MAX_BAN = 30 * 24 * 3600          # go-cqhttp refuses bans this long or longer
 ROLE_RANK = {"member": 0, "admin": 1, "owner": 2}
 
@@ -409,6 +424,11 @@ class World(object):
         self.groups[group_id]["members"][uid] = member
         return member
 
+    def to_json(self):
+        """The world in the schema of the module docstring (GET /sim/world)."""
+        return {"self": self.me, "friends": list(self.friends.values()), "strangers": list(self.strangers.values()),
+                "groups": [dict(self.group_info(g), members=list(g["members"].values())) for g in self.groups.values()]}
+
     def group_info(self, group):
         return {"group_id": group["group_id"], "group_name": group["group_name"],
                 "member_count": len(group["members"]), "max_member_count": group["max_member_count"]}
@@ -568,8 +588,10 @@ class OneBotSimulator(object):
     # -- the HTTP API --
 
     def handle(self, method, target, headers, body):
-        """(HTTP status, JSON body or None) for one API request."""
+        """(HTTP status, JSON body or None) for one API request (or one of the control API under /sim/)."""
         url = urlsplit(target)
+        if url.path.startswith("/sim/"):
+            return self._control(method, url.path[len("/sim/"):], body)
         query = dict(parse_qsl(url.query, keep_blank_values=True))
         refusal = self._check_token(headers, query)
         if refusal is not None:
@@ -604,6 +626,30 @@ class OneBotSimulator(object):
         except ActionError as e:
             status, payload = self.profile.failed(e)
         return self._record(action, params, method, status, payload)
+
+    def state(self):
+        """The profile, addresses and counters, as GET /sim/state answers."""
+        with self._lock:
+            return {"profile": self.profile.name, "url": self.url, "post_url": self.post_url,
+                    "self_id": self.world.self_id, "online": self.online, "calls": len(self.calls),
+                    "sent": len(self.sent), "posts": len(self.posts), "knobs": self.knobs}
+
+    def _control(self, method, name, body):
+        views = {"state": self.state, "calls": lambda: self.calls, "sent": lambda: self.sent,
+                 "posts": lambda: self.posts, "world": self.world.to_json}
+        if method == "GET" and name in views:
+            with self._lock:
+                return 200, views[name]()
+        if method != "POST" or name not in CONTROL_METHODS:
+            return 404, {"ok": False, "error": "no control %s /sim/%s" % (method, name)}
+        try:
+            kwargs = json.loads(body.decode("utf-8") or "{}")
+            if not isinstance(kwargs, dict):
+                raise ValueError("the body must be a JSON object of keyword arguments")
+            result = getattr(self, name)(**kwargs)
+        except (TypeError, ValueError, KeyError, ActionError) as exc:
+            return 400, {"ok": False, "error": "%s: %s" % (type(exc).__name__, exc)}
+        return 200, {"ok": True, "result": result}
 
     def _check_token(self, headers, query):
         if not self.access_token:
@@ -966,6 +1012,29 @@ class OneBotSimulator(object):
 ###############################################################################
 
 
+def say(args):
+    """--say: ask the simulator running on --host/--port to post a message; the exit status."""
+    if args.sender is None:
+        sys.stderr.write("onebot_sim: --say needs --from USER_ID (a friend, or with --group a member)\n")
+        return 2
+    method, fields = "post_private_message", {"user_id": args.sender, "message": args.say}
+    if args.group is not None:
+        method, fields = "post_group_message", dict(fields, group_id=args.group)
+    url = "http://%s:%d/sim/%s" % (args.host, args.port, method)
+    try:
+        answer = Http(timeout=15).post(url, json.dumps(fields).encode("utf-8"),
+                                       headers={"Content-Type": "application/json"})
+        result = answer.json()
+    except (TransportError, ValueError) as e:
+        sys.stderr.write("onebot_sim: no simulator answers on %s:%d (%s)\n" % (args.host, args.port, e))
+        return 1
+    if not result.get("ok"):
+        sys.stderr.write("onebot_sim: %s\n" % result.get("error"))
+        return 1
+    print(json_dumps(result["result"]), flush=True)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="onebot_sim", description="A OneBot v11 implementation for tests.")
     parser.add_argument("--profile", default="napcat", choices=sorted(PROFILES))
@@ -977,7 +1046,13 @@ def main(argv=None):
     parser.add_argument("--heartbeat", type=float, help="seconds between heartbeat events")
     parser.add_argument("--world", help="a JSON file with the account (see the module docstring)")
     parser.add_argument("--verbose", action="store_true")
+    inject = parser.add_argument_group("post a message through a running simulator, then exit")
+    inject.add_argument("--say", metavar="TEXT", help="the message (CQ codes allowed)")
+    inject.add_argument("--from", dest="sender", type=int, metavar="USER_ID", help="who says it")
+    inject.add_argument("--group", type=int, metavar="GROUP_ID", help="in this group (else a private message)")
     args = parser.parse_args(argv)
+    if args.say is not None:
+        return say(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
     world = None
     if args.world:
@@ -986,7 +1061,8 @@ def main(argv=None):
     sim = OneBotSimulator(args.profile, world, args.host, args.port, args.token, args.secret, args.post_url,
                           heartbeat_interval=args.heartbeat)
     sim.start()
-    print("onebot_sim (%s) on %s, account %s" % (args.profile, sim.url, sim.world.self_id), flush=True)
+    print("onebot_sim (%s) on %s, account %s; control API at %s/sim/" % (
+        args.profile, sim.url, sim.world.self_id, sim.url), flush=True)
     try:
         while True:
             time.sleep(3600)
