@@ -133,7 +133,7 @@ QR_MODES = ("terminal", "file", "viewer", "console", "email", "none")
 # Send status texts (Mojo Message/Base.pm): code -> msg; the info text varies.
 SEND_OK, SEND_FAILED = "发送成功", "发送失败"
 
-# poll2 retcodes (spec section 5.3).
+# poll2 retcodes: ignored (no message), relogin (the session may be gone), relink; sends: not an error.
 POLL_IGNORED = frozenset((102, 109, 110, 1202, 100012, 100003, 100100))
 POLL_RELOGIN = frozenset((100, 103, 100000, 100001))
 POLL_RELINK = frozenset((120, 121))

@@ -3,7 +3,7 @@
 """smartqq_sim: a protocol-faithful SmartQQ (w.qq.com) server on one loopback port.
 
 Tencent shut SmartQQ down in 2019; this simulator serves the same paths, cookies, tokens,
-hashes and answers as spec/smartqq-protocol.md describes (section 13 in particular), so a
+hashes and answers as the real service (docs/simulator.md sums the protocol up), so a
 client that rewrites every ``*.qq.com`` URL to the simulator's base URL (keeping path and
 query) logs in by QR code, loads its contacts, long-polls, sends and administers groups
 exactly as it did against Tencent. Cookies are host-only (``Path=/``, no Domain), so a
@@ -16,9 +16,10 @@ Command line
         [--poll-hold S] [--qr-ttl S] [--auto-scan SECONDS] [--idle json|error|504|502|100012]
         [--echo-group] [--set KNOB=VALUE ...] [--verbose]
 
-Without world options it serves a small demo world. ``--auto-scan SECONDS`` scans each QR
-half that time after it was fetched and confirms it after the full time. ``--set`` sets any
-knob below (VALUE is read as JSON when it parses, else as a string).
+Without world options it serves the demo world (DEMO_WORLD, listed in docs/simulator.md).
+``--auto-scan SECONDS`` scans each QR half that time after it was fetched and confirms it after
+the full time. ``--set`` sets any knob below (VALUE is read as JSON when it parses, else as a
+string).
 
 Python API (names are a contract; tests of the client use them)
 ---------------------------------------------------------------
@@ -214,6 +215,33 @@ SCHOOLS = ("计算机", "软件工程", "电子信息", "机械", "数学", "经
 COMPANIES = ("鹅厂", "星辰科技", "云帆网络", "蓝海数据", "飞鱼互娱")
 MEMOS = ("", "欢迎新人，请改名片：城市-昵称", "禁止广告，违者踢", "每周五晚八点分享")
 DISCUSS_NAMES = ("周末聚餐", "旅行计划", "毕业设计讨论", "装修群聊", "项目临时讨论", "生日惊喜策划", "年会节目")
+
+# The demo world (`python webqq.py --demo`, and this simulator without world options): fixed, so that the
+# examples of README.md and docs/ work as written; docs/simulator.md lists it.
+DEMO_WORLD = {
+    "user": {"qq": 123456, "nick": "小灰", "gender": "male", "province": "北京", "city": "海淀"},
+    "categories": [{"index": 0, "sort": 0, "name": "我的好友"}, {"index": 1, "sort": 1, "name": "同事"}],
+    "friends": [
+        {"uin": 3016291473, "qq": 271027252, "nick": "alice", "gender": "female", "status": "online"},
+        {"uin": 2879532466, "qq": 456790, "nick": "bob", "category": 1, "status": "away"},
+        {"uin": 2372835507, "qq": 456789, "nick": "灰灰", "status": "online"},
+        {"uin": 1873942551, "qq": 345678, "nick": "李雷", "category": 1, "status": "busy"},
+        {"uin": 2201547760, "qq": 345679, "nick": "韩梅梅", "markname": "梅梅", "status": "offline"},
+    ],
+    "groups": [
+        {"gid": 2617047292, "code": 3947221093, "qq": 67890, "name": "PERL学习交流", "memo": "每周五晚八点分享",
+         "members": [{"qq": 123456, "role": "owner"}, {"uin": 1873942551, "role": "admin", "card": "雷雷"},
+                     {"uin": 2372835507, "card": "灰灰-北京"}, {"uin": 2879532466},
+                     {"uin": 1642085336, "qq": 567890, "nick": "王五", "card": "广告位招租"}]},
+        {"gid": 2950374821, "code": 3120498876, "qq": 67891, "name": "webqq 用户群",
+         "members": [{"uin": 3016291473, "role": "owner"}, {"qq": 123456, "role": "admin"}, {"uin": 2201547760},
+                     {"uin": 1873942551}]},
+    ],
+    "discusses": [
+        {"did": 3180912847, "name": "周末爬山", "members": [{"uin": 3016291473}, {"uin": 2879532466},
+                                                          {"uin": 2201547760}]},
+    ],
+}
 
 ###############################################################################
 # 2. QR code and PNG
@@ -912,8 +940,8 @@ class World(object):
 
     @classmethod
     def demo(cls):
-        """The small world served when nothing else is asked for."""
-        return cls.generate(friends=12, groups=3, members=16, discusses=2, seed=20151105)
+        """The demo world (DEMO_WORLD), served when nothing else is asked for."""
+        return cls.from_json(DEMO_WORLD)
 
     def _group_name(self):
         pick = self._pick

@@ -586,7 +586,8 @@ def test_events_need_a_secret_beyond_loopback(tmp_path):
 def test_example_config_runs_webqq_in_front_of_napcat(tmp_path):
     path = os.path.join(ROOT, "docs", "onebot-example.ini")
     options, plugins = webqq.read_config(path)
-    assert options["upstream"] == "onebot" and [name for name, _ in plugins] == ["onebot", "showmsg", "openqq"]
+    assert options["upstream"] == "onebot"
+    assert [name for name, _ in plugins] == ["onebot", "showmsg", "openqq", "console"]
     ob = dict(plugins)["onebot"]
     sim = OneBotSimulator("napcat", WORLD, access_token=ob["access_token"], secret=ob["secret"]).start()
     receiver, api = free_port(), free_port()
@@ -617,6 +618,8 @@ def test_example_config_runs_webqq_in_front_of_napcat(tmp_path):
         answer = requests.get(base + "send_friend_message", params={"uid": ALICE, "content": "hi"}, timeout=15)
         assert answer.json()["id"] == sim.sent[-1]["message_id"]
         assert sim.calls[0]["action"] == "get_login_info"
+        page = requests.get("http://127.0.0.1:%d/console/" % api, timeout=10)       # the file loads the console
+        assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
