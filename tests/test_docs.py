@@ -405,8 +405,11 @@ def test_onebot_without_an_account_as_onebot_md_shows(tmp_path, launch):
             done = subprocess.run([sys.executable] + argv_of(example, ports), cwd=str(tmp_path), timeout=30,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             assert done.returncode == 0 and b'"message_type":"private"' in done.stdout, done.stderr
-        else:
-            run_curl(example, ports, tmp_path)
+            continue
+        if "check_event" in example.command:          # both messages are in, as a person sees on the console
+            status = "http://127.0.0.1:%d/console/status" % ports[5000]
+            assert wait_until(lambda: len(requests.get(status, timeout=10).json()["messages"]) == 2)
+        run_curl(example, ports, tmp_path)
     assert set(check_urls([page("onebot.md")], ports[5000])) == {"http://127.0.0.1:5000/console/"}
     control = "http://127.0.0.1:%d/sim/" % ports[3000]
     wrong = requests.post(control + "post_group_message", json={"group_id": 30001}, timeout=5)   # who? what?
