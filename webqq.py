@@ -84,7 +84,7 @@ __all__ = [
     "Contacts", "User", "Friend", "Group", "GroupMember", "Discuss", "DiscussMember", "Message", "FACES",
     "FACE_IDS", "encode_content", "flatten_content",
     # HTTP faces
-    "Api", "ApiServer", "TrackedHTTPServer", "Request", "Response", "ApiError", "bad_request", "Guard",
+    "Api", "ApiServer", "TrackedHTTPServer", "Request", "Response", "Stream", "ApiError", "bad_request", "Guard",
     "check_protected", "listen_entries", "parse_listen", "serve", "points_into", "Poller", "AUTH_FAILED",
     "NOT_RUNNING", "NOT_FOUND", "BAD_REQUEST", "INTERNAL_ERROR",
     # options: one table per plugin, read by one helper (docs/internals.md, "Plugins")
@@ -2969,9 +2969,10 @@ class Response(object):
     """What an HTTP face answers: body bytes, HTTP status, headers, and what to do if it can't be delivered.
 
     `wait_for` = (ready, seconds) is no answer yet: ask again once ready() is true or seconds passed.
+    `stream` (a Stream) is an answer without end: body is its beginning, the stream gives the rest.
     """
 
-    __slots__ = ("body", "status", "headers", "content_type", "undelivered", "wait_for")
+    __slots__ = ("body", "status", "headers", "content_type", "undelivered", "wait_for", "stream")
 
     def __init__(self, body, status=200, headers=(), content_type="application/json; charset=utf-8"):
         self.body = body
@@ -2980,6 +2981,33 @@ class Response(object):
         self.content_type = content_type
         self.undelivered = None
         self.wait_for = None
+        self.stream = None
+
+
+class Stream(object):
+    """The rest of an answer without end (Server-Sent Events), written as it comes.
+
+    Subclasses give pull(timeout, alive): the bytes to write next, waiting up to timeout seconds for
+    some; b"" when none came, None when the stream is over. On a server with a Parker, pull(0) is
+    called after each notice() and no thread waits; elsewhere (TLS) the connection's thread waits in
+    pull. After `keep_alive` seconds without a write, idle() is written so that proxies keep it open.
+    """
+
+    keep_alive = 15.0
+    content_type = "text/event-stream; charset=utf-8"
+
+    def pull(self, timeout=0.0, alive=None):
+        raise NotImplementedError
+
+    def idle(self):
+        return b": keep-alive\n\n"
+
+    def response(self, first=b"", headers=()):
+        """The Response that begins this stream with the bytes first."""
+        resp = Response(first, 200, [("Cache-Control", "no-store"), ("X-Accel-Buffering", "no")] + list(headers),
+                        self.content_type)
+        resp.stream = self
+        return resp
 
 
 def as_response(result):
@@ -3270,7 +3298,7 @@ class Api(object):
         except Exception:
             self.log.exception("%s %s failed", self.name, req.path)
             resp = ApiError(500, INTERNAL_ERROR, "internal error").response()
-        if callback is not None:
+        if callback is not None and resp.stream is None:
             resp.body = b"%s(%s)" % (callback.encode("ascii"), resp.body)
             resp.content_type = "application/javascript; charset=utf-8"
         if self.guard is not None:
@@ -3399,6 +3427,11 @@ class Handler(BaseHTTPRequestHandler):
                 return
             req.parkable, req.trusted = False, True      # a next request is already here: wait on this thread
             resp = self.server.api.handle(req)
+        if resp.stream is not None:
+            self.close_connection = True    # the answer ends when the connection does
+            if self.send(resp) and self.command != "HEAD":
+                self.follow(resp.stream)
+            return
         self.send(resp)
 
     do_POST = do_HEAD = do_OPTIONS = do_PUT = do_DELETE = do_PATCH = do_GET
@@ -3413,12 +3446,28 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.connection.settimeout(self.socket_timeout)
 
-    def park(self, req, ready, timeout):
-        """Leave req to the server's Parker: this thread ends and the connection waits without one."""
-        entry = Parked(self, req, ready, timeout)
+    def park(self, req, ready, timeout, stream=None):
+        """Leave req (or a stream) to the server's Parker: this thread ends and the connection waits without one."""
+        entry = Parked(self, req, ready, timeout, stream)
         with self.server.connections_lock:
             self.server.parking[self.connection] = entry
         self.close_connection = True
+
+    def follow(self, stream):
+        """Write the rest of a stream: the Parker does, or (no Parker) this thread until the client leaves."""
+        if self.server.parker is not None:
+            self.park(None, None, stream.keep_alive, stream)
+            return
+        connection = self.connection
+        alive = lambda: peer_alive(connection)
+        while alive():
+            data = stream.pull(stream.keep_alive, alive)
+            if data is None:
+                return
+            try:
+                self.wfile.write(data or stream.idle())
+            except OSError:
+                return
 
     def read_request(self):
         """The Request on this connection, its body read whole; ApiError when it can't be."""
@@ -3502,8 +3551,10 @@ class Handler(BaseHTTPRequestHandler):
                  "Server: " + self.server_version,
                  "Date: " + self.server.date()]
         if resp.status != 204:
-            lines += ["Content-Type: " + resp.content_type, "Content-Length: %d" % len(resp.body),
-                      "X-Content-Type-Options: nosniff"]
+            lines.append("Content-Type: " + resp.content_type)
+            if resp.stream is None:
+                lines.append("Content-Length: %d" % len(resp.body))
+            lines.append("X-Content-Type-Options: nosniff")
         lines.extend("%s: %s" % pair for pair in resp.headers)
         if self.close_connection:
             lines.append("Connection: close")
@@ -3512,7 +3563,7 @@ class Handler(BaseHTTPRequestHandler):
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace"), body
 
     def send(self, resp):
-        """Write resp; if the caller is gone, let it take its items back."""
+        """Write resp; if the caller is gone, let it take its items back. True when it was written."""
         head, body = self.answer(resp)
         try:
             if len(body) <= 65536:
@@ -3526,8 +3577,9 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             if resp.undelivered is not None:
                 resp.undelivered()
-            return
+            return False
         self.log_request(resp.status, len(body))
+        return True
 
     # http.server answers an unknown method 501 and an HTTP/2+ request line 505: both are the
     # caller's mistakes, not failures of this server, so they get a 4xx.
@@ -3562,6 +3614,8 @@ class ApiServer(TrackedHTTPServer):
     # The limits opts may change: seconds a request may take to arrive whole (and an idle connection
     # may stay open), the largest body in bytes, open connections at most.
     request_timeout, max_body_size, max_connections = 60.0, 1048576, 2000
+    # Bytes a stream's client may leave unread beyond the kernel's buffers before its connection is cut.
+    stream_backlog = 1048576
 
     def __init__(self, entry, api, log, opts=None, parking=False):
         self.api = api
@@ -3684,25 +3738,32 @@ class ApiServer(TrackedHTTPServer):
 
 
 class Parked(object):
-    """A connection the Parker holds: waiting for its answer (req), or idle (req None)."""
+    """A connection the Parker holds: waiting for its answer (req), idle (req None), or streaming (stream):
+    then `out` holds what its client has not taken yet and `deadline` is the time of the next keep-alive."""
 
-    __slots__ = ("sock", "address", "handler", "req", "ready", "deadline", "keep_alive")
+    __slots__ = ("sock", "address", "handler", "req", "ready", "deadline", "keep_alive", "stream", "out", "events")
 
-    def __init__(self, handler, req, ready, timeout):
+    def __init__(self, handler, req, ready, timeout, stream=None):
         self.sock, self.address, self.handler = handler.connection, handler.client_address, handler
-        self.req, self.ready = req, ready
+        self.req, self.ready, self.stream = req, ready, stream
         self.deadline = time.monotonic() + timeout
         self.keep_alive = not handler.close_connection
+        self.out = bytearray()
+        self.events = selectors.EVENT_READ
 
 
 class Parker(object):
-    """Long-polls (check_event) waiting without a thread each, answered together by one thread.
+    """Long-polls (check_event) and streams (/openqq/events) waiting without a thread each, served
+    together by one thread.
 
     A waiting thread costs little until the event comes; then waking a thousand of them at once
     keeps the interpreter lock busy for most of a second, while one thread writes a thousand
     answers in milliseconds. After its answer a connection stays here, idle, until its next
-    request arrives, which gets a thread again. TLS connections wait on their own threads.
-    Whoever makes a parked request ready calls notice() (ApiServer.notice).
+    request arrives, which gets a thread again. A stream stays here until its client leaves: what
+    the socket can't take at once waits in the entry, up to the server's stream_backlog, beyond which
+    the connection is cut (an EventSource comes back and resumes from the last event it got).
+    TLS connections wait on their own threads. Whoever makes a parked request ready, or has something
+    for the streams, calls notice() (ApiServer.notice).
     """
 
     def __init__(self, server):
@@ -3751,19 +3812,25 @@ class Parker(object):
                 self.parked[entry.sock] = entry
                 self.selector.register(entry.sock, selectors.EVENT_READ, entry)
             now = time.monotonic()
-            for entry in [e for e in self.parked.values()
-                          if e.deadline <= now or (news and e.req is not None and e.ready())]:
+            for entry in [e for e in self.parked.values() if e.deadline <= now or (news and (
+                    e.stream is not None or (e.req is not None and e.ready())))]:
                 try:
-                    self.due(entry)
+                    if entry.stream is None:
+                        self.due(entry)
+                    else:
+                        self.pump(entry, news, now)
                 except Exception:
                     self.server.log.exception("%s parked request failed", self.server.name)
                     self.drop(entry)
             soonest = min([e.deadline for e in self.parked.values()] or [now + 60])
-            for key, _ in self.selector.select(max(0.0, soonest - time.monotonic())):
+            for key, mask in self.selector.select(max(0.0, soonest - time.monotonic())):
                 if key.data is None:
                     while self.wakeup.recv(4096) == 4096:
                         pass
-                elif key.data.sock in self.parked:
+                    continue
+                if mask & selectors.EVENT_WRITE and key.data.sock in self.parked:
+                    self.flush(key.data)
+                if mask & selectors.EVENT_READ and key.data.sock in self.parked:
                     self.readable(key.data)
 
     def due(self, entry):
@@ -3792,6 +3859,42 @@ class Parker(object):
         else:
             entry.deadline = time.monotonic() + self.server.request_timeout
 
+    def pump(self, entry, news, now):
+        """Write what a stream has for its client; after keep_alive seconds of silence, its idle() bytes."""
+        data = entry.stream.pull() if news else b""
+        if data is None:
+            self.drop(entry)
+            return
+        if not data and not entry.out and entry.deadline <= now:
+            data = entry.stream.idle()
+        if data:
+            entry.out += data
+            entry.deadline = now + entry.stream.keep_alive
+        elif entry.deadline <= now:
+            entry.deadline = now + entry.stream.keep_alive
+        self.flush(entry)
+
+    def flush(self, entry):
+        """Send what the stream's socket takes now; watch it for room while more waits, cut it beyond the backlog."""
+        if entry.out:
+            try:
+                sent = entry.sock.send(entry.out)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.drop(entry)
+                return
+            del entry.out[:sent]
+        if len(entry.out) > self.server.stream_backlog:
+            self.server.log.info("%s stream to %s cut: %d bytes behind (it may come back and resume)",
+                                 self.server.name, entry.address[0], len(entry.out))
+            self.drop(entry)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if entry.out else 0)
+        if events != entry.events:
+            entry.events = events
+            self.selector.modify(entry.sock, events, entry)
+
     def readable(self, entry):
         try:
             data = entry.sock.recv(1, socket.MSG_PEEK)
@@ -3799,8 +3902,8 @@ class Parker(object):
             return
         except OSError:
             data = b""
-        if not data:
-            self.drop(entry)                # the client hung up: nothing was taken for it
+        if not data or entry.stream is not None:
+            self.drop(entry)                # the client hung up (nothing was taken for it), or spoke on a stream
         elif entry.req is not None:
             entry.deadline = 0              # a request behind the long-poll: answer it now, then serve on
         else:

@@ -79,6 +79,8 @@ OPTIONS = collections.OrderedDict([
 ])
 
 MESSAGE_TYPES = frozenset(("friend_message", "group_message", "discuss_message", "sess_message"))
+EVENT_NAME = re.compile(r"^[a-z_]{1,64}$")
+RECONNECT_MS = 2000         # the stream's retry: how soon an EventSource comes back after a cut
 # Parameters that steer a request and are never search attributes.
 RESERVED = frozenset(("datatype", "callback", "async", "client", "access_token", "cursor"))
 # Mojo-Webqq 1.x names, by route: the route a 1.x path became, and per handler each 1.x parameter's
@@ -404,6 +406,92 @@ def renamed(params, old_names):
     return params
 
 
+def cursor_param(text, name):
+    """A cursor given as text (None: not given) as a number >= 0; ApiError 400 when it is none."""
+    if text is None:
+        return None
+    cursor = to_int(text)
+    if cursor is None or cursor < 0:
+        raise bad_request("%s must be a number >= 0" % name)
+    return cursor
+
+
+def event_types(req):
+    """The ?type= filter of check_event and events: a frozenset of names, or None for every event."""
+    value = req.params.get("type")
+    if value is None:
+        return None
+    names = frozenset(name.strip() for text in (value if isinstance(value, tuple) else (value,))
+                      for name in text.split(",") if name.strip())
+    if not names or not all(EVENT_NAME.match(name) for name in names):
+        raise bad_request("type must be event names separated by commas, e.g. group_message,new_friend")
+    return names
+
+
+def matches(item, types):
+    """True when an event passes the filter: its post_type, message type or event name is one of types."""
+    return types is None or item.get("post_type") in types or item.get("type") in types or \
+        item.get("event") in types
+
+
+def as_json_list(pairs):
+    """Events with their cursors as check_event's cursor mode answers them."""
+    return json_dumps([dict(item, cursor=seq) for seq, item in pairs]).encode("utf-8")
+
+
+def sse_block(event, cursor, data, retry=None):
+    """One Server-Sent Event: its name (None: a plain message), id (a cursor) and JSON data."""
+    head = b"retry: %d\n" % retry if retry is not None else b""
+    if event is not None:
+        head += b"event: %s\n" % event.encode("ascii")
+    return head + b"id: %d\ndata: %s\n\n" % (cursor, json_dumps(data).encode("utf-8"))
+
+
+def as_sse(pairs):
+    """Events as the stream writes them: id = the cursor, data = what check_event's cursor mode gives."""
+    return b"".join(sse_block(None, seq, dict(item, cursor=seq)) for seq, item in pairs)
+
+
+class Scan(object):
+    """A cursor read of the hub with a filter: the matching events after cursor; the cursor moves past
+    the others, so a wait for a matching event does not read them again."""
+
+    def __init__(self, hub, cursor, types):
+        self.hub, self.cursor, self.types = hub, cursor, types
+        self.pairs = []         # everything read, matching or not: it fixes the answer's span
+
+    def found(self, timeout, alive):
+        """True once a matching event was read, waiting up to timeout for one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pairs = self.hub.read(self.cursor, max(0.0, deadline - time.monotonic()), alive)
+            if pairs:
+                self.pairs += pairs
+                self.cursor = pairs[-1][0]
+            if not pairs or any(matches(item, self.types) for _, item in pairs) or time.monotonic() >= deadline:
+                return any(matches(item, self.types) for _, item in self.pairs)
+
+
+class EventStream(webqq.Stream):
+    """/openqq/events for one client: the hub's events after its cursor (those of its types), as
+    Server-Sent Events; an `event: reset` when the next event is not the cursor's successor (events
+    fell out of the history, or the client restarted and counts from 1 again)."""
+
+    def __init__(self, api, cursor, types):
+        self.api, self.hub, self.cursor, self.types = api, api.plugin.hub, cursor, types
+
+    def pull(self, timeout=0.0, alive=None):
+        if self.hub.closed:
+            return None
+        pairs = self.hub.read(self.cursor, timeout, alive or (lambda: True))
+        if not pairs:
+            return None if self.hub.closed else b""
+        begin = pairs[0][0] - 1
+        reset = b"" if begin == self.cursor else sse_block("reset", begin, {"asked": self.cursor, "cursor": begin})
+        self.cursor = pairs[-1][0]
+        return reset + self.api.encoded(pairs, self.types, as_sse)
+
+
 class Api(webqq.Api):
     """The Openqq routes: parameters in, the original's JSON out, against the Client contract."""
 
@@ -425,6 +513,7 @@ class Api(webqq.Api):
         "/openqq/shutup_group_member": ("GET POST", True, "shutup_group_member"),
         "/openqq/kick_group_member": ("GET POST", True, "kick_group_member"),
         "/openqq/check_event": ("GET POST", False, "check_event"),
+        "/openqq/events": ("GET", True, "events"),
         "/openqq/get_client_info": ("GET POST", False, "get_client_info"),
         "/openqq/stop_client": ("GET POST", False, "stop_client"),
         "/openqq/relogin": ("GET", False, "relogin"),
@@ -437,7 +526,7 @@ class Api(webqq.Api):
         self.contacts = plugin.client.contacts
         self.cache = {}
         self.cache_lock = threading.Lock()
-        self.events_answer = (None, b"[]")     # the last cursor-mode answer: many readers ask the same
+        self.events_answer = (None, b"[]")     # the last cursor-mode answer or stream chunk: many readers ask the same
 
     def route(self, req):
         """A route's handler, or a handler another plugin mounted on a prefix of the path (Openqq.mount)."""
@@ -645,28 +734,48 @@ class Api(webqq.Api):
 
     def check_event(self, req):
         hub, timeout = self.plugin.hub, self.plugin.opts["check_event_timeout"]
-        cursor = req.param("cursor")
-        start = None if cursor is None else to_int(cursor)
-        if cursor is not None and (start is None or start < 0):
-            raise bad_request("cursor must be a number >= 0")
+        start = cursor_param(req.param("cursor"), "cursor")
+        types = event_types(req)
+        if types is not None and start is None:
+            raise bad_request("type filters the cursor mode only: add cursor=0 (or the cursor you have)")
         if req.wait is not None:
             timeout = req.wait
-        elif req.parkable and not hub.ready(start):
-            resp = Response(b"")
-            resp.wait_for = (lambda: hub.ready(start), timeout)
-            return resp
+        elif req.parkable:
+            ready = Scan(hub, start, types).found if types is not None else lambda *_: hub.ready(start)
+            if not ready(0, req.alive):
+                resp = Response(b"")
+                resp.wait_for = (lambda: ready(0, req.alive), timeout)
+                return resp
         if start is None:
             items = hub.take(timeout, req.alive) or []
             resp = Response(json_dumps(items).encode("utf-8"))
             if items:
                 resp.undelivered = lambda: hub.give_back(items)
             return resp
-        pairs = hub.read(start, timeout, req.alive)
-        following = pairs[-1][0] if pairs else min(start, hub.seq)
-        span = (pairs[0][0], following) if pairs else None      # the seqs are consecutive: span fixes the items
-        if span is None or self.events_answer[0] != span:
-            self.events_answer = (span, json_dumps([dict(item, cursor=seq) for seq, item in pairs]).encode("utf-8"))
-        return Response(self.events_answer[1], headers=[("X-Cursor", str(following))])
+        scan = Scan(hub, start, types)
+        scan.found(timeout, req.alive)
+        following = scan.cursor if scan.pairs else min(start, hub.seq)
+        return Response(self.encoded(scan.pairs, types, as_json_list), headers=[("X-Cursor", str(following))])
+
+    def encoded(self, pairs, types, encode):
+        """encode(pairs) (events with their cursors), reused while readers ask for the same span of the
+        history: a thousand readers at one cursor ask for the same bytes. The seqs are consecutive, so
+        the first and last seq read (with the filter) fix the events."""
+        key = (pairs[0][0], pairs[-1][0], types, encode) if pairs else None
+        cached = self.events_answer
+        if key is None or cached[0] != key:
+            cached = self.events_answer = (key, encode([(seq, item) for seq, item in pairs if matches(item, types)]))
+        return cached[1]
+
+    def events(self, req):
+        """The events as Server-Sent Events, from Last-Event-ID, ?cursor= or now on (docs/openqq.md)."""
+        hub = self.plugin.hub
+        types = event_types(req)
+        last = (req.headers.get("last-event-id") or "").strip() or None
+        cursor = cursor_param(last, "Last-Event-ID") if last is not None else cursor_param(req.param("cursor"), "cursor")
+        stream = EventStream(self, hub.seq if cursor is None else cursor, types)
+        first = sse_block("ready", stream.cursor, {"cursor": stream.cursor}, retry=RECONNECT_MS)
+        return stream.response(first + stream.pull())
 
     def get_client_info(self, req):
         info = dict(self.client.client_info(), code=0, status="success", state=self.client.state)

@@ -99,8 +99,13 @@ WRONG_TOKENS = ["", TOKEN[:-1], TOKEN + "x", TOKEN.upper(), TOKEN[::-1], "x" * l
 
 
 def call(env, method, path, params=None, headers=None, data=None, json_body=None):
-    return requests.request(method, env.url + path, params=params, headers=headers, data=data, json=json_body,
-                            timeout=10, allow_redirects=False)
+    """The answer, read whole; a stream (/openqq/events) only as far as its head."""
+    r = requests.request(method, env.url + path, params=params, headers=headers, data=data, json=json_body,
+                         timeout=10, allow_redirects=False, stream=True)
+    if not r.headers.get("Content-Type", "").startswith("text/event-stream"):
+        r.content           # read before the connection closes
+    r.close()
+    return r
 
 
 def test_every_route_refuses_a_request_without_the_right_token(env):
