@@ -12,7 +12,7 @@ import pytest
 import requests
 
 import webqq
-from conftest import LogLines, log_in, wait_until
+from conftest import LogLines, free_port, log_in, scan_and_confirm, wait_until
 from webqq_plugins import openqq
 
 TOKEN = "ev-t0ken"
@@ -331,3 +331,38 @@ def test_a_tls_stream_is_served_on_its_connection_thread(sim, make_client, self_
     client.stop()                                      # the thread waiting in the stream ends with the plugin
     assert time.time() - started < 5
     stream.close()
+
+
+# -- as people start it ----------------------------------------------------------------------------
+
+def test_the_stream_and_the_console_of_python_webqq_py(sim, tmp_path, launch):
+    port = free_port()
+    config = tmp_path / "webqq.ini"
+    config.write_text("[webqq]\nsmartqq_base = %s\ntmpdir = %s\nqr_check_interval = 0.05\nsend_interval = 0\n"
+                      "qrcode_display = console\nlog_level = debug\n\n[openqq]\nlisten = 127.0.0.1:%d\n"
+                      "access_token = %s\n\n[console]\nhistory = 2\n" % (sim.url, tmp_path, port, TOKEN),
+                      encoding="utf-8")
+    program = launch("-c", config)
+    url = "http://127.0.0.1:%d" % port
+    program.wait_log(r"openqq listening")
+    r = requests.get(url + events_path(), timeout=5)
+    assert (r.status_code, r.json()["code"], r.json()["status"]) == (503, -7, "client not running")
+    scan_and_confirm(sim)
+    program.wait_log(r"\(running\)")
+    stream = Sse(url, events_path(type="receive_message"))
+    assert stream.event()["event"] == "ready"
+    friend = sim.world.friends[0]
+    for n in range(3):
+        sim.inject_friend_message(friend.uin, "to the subprocess %d" % n)
+    got = [stream.event() for _ in range(3)]
+    assert [e["data"]["content"] for e in got] == ["to the subprocess %d" % n for n in range(3)]
+    assert [int(e["id"]) for e in got] == [int(got[0]["id"]) + n for n in range(3)]
+    history = requests.get(url + "/console/history", params={"conversation": "friend:%d" % friend.uin,
+                                                             "access_token": TOKEN}, timeout=5).json()
+    assert history["messages"] == [{k: v for k, v in e["data"].items() if k != "cursor"} for e in got[1:]]
+    page = requests.get(url + "/console/", headers={"Authorization": "Bearer " + TOKEN}, timeout=5)
+    assert page.status_code == 200 and "text/event-stream" not in page.headers["Content-Type"]
+    assert program.stop() == 0
+    assert stream.rest() is not None                          # the stop ended the stream
+    log = program.log()
+    assert "/openqq/events?type=receive_message&access_token=*** HTTP/1.1\" 200" in log and TOKEN not in log
