@@ -29,6 +29,10 @@ The table (median of --runs runs; latencies as p50/p99):
  6. --pollers check_event long-pollers (cursor mode, so each of them gets the event) held
     --hold seconds, then one event: how long until all have it; RSS and threads meanwhile
  7. --quick: a small world and short runs
+ 8. --streams event streams (GET /openqq/events) held open, then --stream-events messages one at a
+    time: how long after webqq accepted each one every stream has it; RSS and threads meanwhile
+ 9. --load-streams streams while --stream-rate messages a second come in for --stream-seconds:
+    none lost, none twice, and the latency from acceptance to each stream
 
 then the issue's targets with the figure that decides each. Figures, not pass/fail: the exit
 status is 0 whatever the numbers are. RSS and thread counts come from /proc (Linux only).
@@ -40,6 +44,7 @@ import json
 import math
 import os
 import platform
+import re
 import selectors
 import shutil
 import socket
@@ -56,9 +61,11 @@ from urllib.parse import urlsplit
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FULL = {"friends": 2000, "groups": 200, "members": 200, "runs": 3, "seconds": 3.0, "sends": 1000,
-        "messages": 1000, "rate": 100.0, "pollers": 1000, "hold": 30.0}
+        "messages": 1000, "rate": 100.0, "pollers": 1000, "hold": 30.0, "streams": 1000, "stream_events": 20,
+        "load_streams": 100, "stream_rate": 100.0, "stream_seconds": 60.0}
 QUICK = {"friends": 200, "groups": 20, "members": 50, "runs": 1, "seconds": 0.5, "sends": 200,
-         "messages": 100, "rate": 100.0, "pollers": 200, "hold": 2.0}
+         "messages": 100, "rate": 100.0, "pollers": 200, "hold": 2.0, "streams": 200, "stream_events": 5,
+         "load_streams": 20, "stream_rate": 100.0, "stream_seconds": 3.0}
 CLIENTS = (1, 8, 32)
 INFO_ROUTES = ("get_friend_info", "get_group_info")
 QR_CHECK_INTERVAL = 0.1
@@ -297,6 +304,8 @@ class WebqqPart(object):
                                    qr_check_interval=QR_CHECK_INTERVAL, log_level="warn")
         self.states = {}
         self.client.on("state_change", lambda old, new: self.states.setdefault(new, time.time()))
+        self.accepted = {}          # message id -> when the client emitted it, just before the plugin queues it
+        self.client.on("receive_message", lambda msg: self.accepted.setdefault(msg.id, time.time()))
         self.plugin = self.client.load("openqq", listen=[{"host": "127.0.0.1", "port": 0}], **openqq)
         if self.plugin is None:
             raise BenchError("the openqq plugin did not load")
@@ -326,6 +335,10 @@ class WebqqPart(object):
 
     def do_hub_seq(self):
         return self.plugin.hub.seq
+
+    def do_accepted(self, ids):
+        """{id: time webqq accepted the message} of the ids it has accepted."""
+        return {str(i): self.accepted[i] for i in ids if i in self.accepted}
 
     def do_parked(self):
         """How many long-polls wait in the servers' parkers (without a thread of their own)."""
@@ -657,9 +670,98 @@ class LoadPart(object):
         self.poll.close()
         return self.poll_result
 
+    def do_open_streams(self, url, path, count):
+        """Open count event streams at path; a thread notes when each message (by id) reaches each."""
+        self.streams = Streams(url, path, count)
+        return len(self.streams.load.conns)
+
+    def do_stream_figures(self, accepted, timeout):
+        """Once every stream has each message of accepted ({id: time}), or after timeout: the figures."""
+        streams, self.streams = self.streams, None
+        return streams.figures({int(i): t for i, t in accepted.items()}, timeout)
+
     def stop(self):
         if self.poll_thread is not None:
             self.do_poller_answers(0)
+        if getattr(self, "streams", None) is not None:
+            self.streams.close()
+
+
+class Streams(object):
+    """Event streams read by one selector thread: when each message id (in its data) reached each
+    stream, noted at the wake-up that found it, its parsing left for later."""
+
+    MESSAGE_ID = re.compile(rb'"id":(\d+),"post_type"')
+
+    def __init__(self, url, path, count):
+        self.load = Load(url, path, count)
+        self.buffers = {conn: b"" for conn in self.load.conns}
+        self.arrivals = {}          # message id -> [time it reached a stream, ...]
+        self.twice = self.closed = 0
+        self.seen = {conn: set() for conn in self.load.conns}
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        for conn in self.load.conns:
+            self.load.send(conn)
+        self.thread = threading.Thread(target=self.run, name="bench-streams")
+        self.thread.start()
+
+    def run(self):
+        selector = self.load.selector
+        while not self.done.is_set() and self.buffers:
+            events = selector.select(0.1)
+            now = time.time()
+            for key, _ in events:
+                conn = key.data
+                try:
+                    data = conn.sock.recv(262144)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    selector.unregister(conn.sock)
+                    del self.buffers[conn]
+                    self.closed += 1
+                    continue
+                blocks = (self.buffers[conn] + data).split(b"\n\n")
+                self.buffers[conn] = blocks.pop()
+                with self.lock:
+                    for block in blocks:
+                        found = self.MESSAGE_ID.search(block)
+                        if found is None:
+                            continue
+                        msg_id = int(found.group(1))
+                        if msg_id in self.seen[conn]:
+                            self.twice += 1
+                            continue
+                        self.seen[conn].add(msg_id)
+                        self.arrivals.setdefault(msg_id, []).append(now)
+
+    def figures(self, accepted, timeout):
+        """Latency from acceptance to each stream (p50, p99, max; per message: the last stream), losses."""
+        count = len(self.load.conns)
+        def complete():
+            with self.lock:
+                return all(len(self.arrivals.get(i, ())) >= count for i in accepted)
+        wait_until(complete, timeout, 0.05)
+        self.close()
+        every, lasts, lost = [], [], 0
+        for msg_id, at in accepted.items():
+            times = self.arrivals.get(msg_id, [])
+            lost += count - len(times)
+            every.extend(t - at for t in times)
+            if times:
+                lasts.append(max(times) - at)
+        return {"streams": count, "messages": len(accepted), "lost": lost, "twice": self.twice,
+                "closed": self.closed, "p50": percentile(every, 0.5), "p99": percentile(every, 0.99),
+                "max": max(every) if every else None, "last_p50": percentile(lasts, 0.5),
+                "last_p99": percentile(lasts, 0.99)}
+
+    def close(self):
+        self.done.set()
+        self.thread.join()
+        self.load.close()
 
 
 ROLES = {"sim": SimPart, "webqq": WebqqPart, "ceiling": CeilingPart, "receiver": ReceiverPart, "load": LoadPart}
@@ -804,6 +906,8 @@ class Bench(object):
             self.latency(client, receiver, url)
             receiver.call("stop_reading")
             self.pollers(client, url)
+            self.streams(client, url)
+            self.stream_load(client, url)
         finally:
             self.drop(client)
             self.drop(receiver)
@@ -866,6 +970,50 @@ class Bench(object):
                          "first": times[0] - delivered if times and delivered else None,
                          "last": times[-1] - delivered if times and delivered else None})
         self.results["pollers"] = runs
+
+    # 8
+    def streams(self, client, url):
+        runs, count = [], self.cfg["streams"]
+        idle = proc_status(client.pid).get("threads", 0)
+        for n in range(self.cfg["runs"]):
+            progress("%d event streams, %d messages one at a time, run %d/%d" % (
+                count, self.cfg["stream_events"], n + 1, self.cfg["runs"]))
+            wait_until(lambda: proc_status(client.pid).get("threads", 0) <= idle, 60, 0.05)
+            before = proc_status(client.pid)
+            self.load.call("open_streams", url=url, path="/openqq/events", count=count)
+            if not wait_until(lambda: client.call("parked") >= count, 60, 0.05):
+                progress("warning: not all %d streams are parked" % count)
+            time.sleep(1.0)
+            held = proc_status(client.pid)
+            ids = []
+            for _ in range(self.cfg["stream_events"]):
+                ids.append(self.sim.call("inject_one")[0])
+                time.sleep(0.25)
+            accepted = wait_until(lambda: (lambda a: len(a) == len(ids) and a)(client.call("accepted", ids=ids)),
+                                  30, 0.05) or client.call("accepted", ids=ids)
+            figures = self.load.call("stream_figures", accepted=accepted, timeout=30)
+            figures.update(before=before, held=held, after=proc_status(client.pid),
+                           unaccepted=len(ids) - len(accepted))
+            runs.append(figures)
+        self.results["streams"] = runs
+
+    # 9
+    def stream_load(self, client, url):
+        count, rate, seconds = self.cfg["load_streams"], self.cfg["stream_rate"], self.cfg["stream_seconds"]
+        progress("%d event streams, %g messages/s for %g s" % (count, rate, seconds))
+        self.sim.call("forget")
+        before = proc_status(client.pid)
+        self.load.call("open_streams", url=url, path="/openqq/events", count=count)
+        if not wait_until(lambda: client.call("parked") >= count, 60, 0.05):
+            progress("warning: not all %d streams are parked" % count)
+        self.sim.call("inject", count=int(rate * seconds), rate=rate)
+        ids = self.sim.call("injected_ids")
+        accepted = wait_until(lambda: (lambda a: len(a) == len(ids) and a)(client.call("accepted", ids=ids)),
+                              30, 0.1) or client.call("accepted", ids=ids)
+        figures = self.load.call("stream_figures", accepted=accepted, timeout=30)
+        figures.update(before=before, after=proc_status(client.pid), unaccepted=len(ids) - len(accepted),
+                       injected=len(ids))
+        self.results["stream_load"] = figures
 
 
 ###############################################################################
@@ -999,6 +1147,36 @@ def table(results, quick):
     say("7. %s" % ("this is the --quick run: every item, a small world, short runs" if quick else
                    "--quick runs every item small in under a minute (a smoke test; figures only)"))
 
+    streams = results["streams"]
+    sm = lambda key: median([r[key] for r in streams])  # noqa: E731
+    smb = lambda when, key: median([r[when].get(key) for r in streams])  # noqa: E731
+    say("")
+    say("8. %d event streams (GET /openqq/events), %d messages one at a time; ms after webqq accepted each" % (
+        cfg["streams"], cfg["stream_events"]))
+    say("   at every stream: p50 / p99 / max                  %8s / %s / %s ms" % (
+        ms(sm("p50")), ms(sm("p99")), ms(sm("max"))))
+    say("   at the last stream of each message: p50 / p99     %8s / %s ms" % (ms(sm("last_p50")), ms(sm("last_p99"))))
+    say("   deliveries lost %d, twice %d; streams cut %d" % (
+        sum(r["lost"] for r in streams), sum(r["twice"] for r in streams), sum(r["closed"] for r in streams)))
+    say("   threads %s before the streams, %s while held, %s after the messages" % (
+        smb("before", "threads"), smb("held", "threads"), smb("after", "threads")))
+    say("   RSS %s before, %s while held, %s after (%s more)" % (
+        mb(smb("before", "rss")), mb(smb("held", "rss")), mb(smb("after", "rss")),
+        mb(smb("after", "rss") - smb("before", "rss")) if smb("after", "rss") else "-"))
+
+    load = results["stream_load"]
+    say("")
+    say("9. %d event streams while %g messages/s come in for %g s (one run)" % (
+        cfg["load_streams"], cfg["stream_rate"], cfg["stream_seconds"]))
+    say("   deliveries %d of %d (%d messages x %d streams): lost %d, twice %d; streams cut %d" % (
+        load["messages"] * load["streams"] - load["lost"], load["injected"] * load["streams"], load["injected"],
+        load["streams"], load["lost"] + load["unaccepted"] * load["streams"], load["twice"], load["closed"]))
+    say("   ms after webqq accepted each: p50 / p99 / max     %8s / %s / %s ms" % (
+        ms(load["p50"]), ms(load["p99"]), ms(load["max"])))
+    say("   RSS %s before, %s after; threads %s before, %s after" % (
+        mb(load["before"].get("rss")), mb(load["after"].get("rss")), load["before"].get("threads"),
+        load["after"].get("threads")))
+
     say("")
     say("targets%s" % (" (set for the full world and runs; a quick run only indicates)" if quick else ""))
     ratio32 = median([p["webqq"]["rps"] / p["ceiling"]["rps"]
@@ -1015,6 +1193,18 @@ def table(results, quick):
         ("%d long-pollers all answered within 200 ms" % count, "%s ms" % ms(last), last is not None and last < 0.200
          and min(r["with_event"] for r in polls) == count),
         ("running within 2 s of the confirmed scan", "%s ms" % ms(running, 0), running is not None and running < 2.0),
+    ]
+    held = median([r["held"].get("threads", 0) - r["before"].get("threads", 0) for r in streams])
+    grown = smb("after", "rss") - smb("before", "rss") if smb("after", "rss") else None
+    stream_lost = sum(r["lost"] + r["twice"] + r["unaccepted"] * r["streams"] for r in streams)
+    load_lost = load["lost"] + load["twice"] + load["unaccepted"] * load["streams"]
+    checks += [
+        ("%d streams: each message at every one, p99 <= 50 ms" % cfg["streams"], "%s ms" % ms(sm("p99")),
+         sm("p99") is not None and sm("p99") <= 0.050 and stream_lost == 0),
+        ("%d streams: threads flat" % cfg["streams"], "%+d threads" % held, held <= 0),
+        ("%d streams: RSS growth <= 30 MB" % cfg["streams"], "%s" % mb(grown), grown is not None and grown <= 30 * 1024),
+        ("%d streams, %g msg/s for %g s: none lost" % (cfg["load_streams"], cfg["stream_rate"], cfg["stream_seconds"]),
+         "%d lost or twice" % load_lost, load_lost == 0),
     ]
     for text, figure, met in checks:
         say("   %-56s %14s   %s" % (text, figure, "met" if met else "NOT met"))
@@ -1033,8 +1223,12 @@ def main(argv=None):
                              ("members", int, "members per group"), ("runs", int, "runs per figure (median)"),
                              ("seconds", float, "seconds per load run"), ("sends", int, "async sends per run"),
                              ("messages", int, "messages per latency run"), ("rate", float, "messages per second"),
-                             ("pollers", int, "check_event long-pollers"), ("hold", float, "seconds they are held")):
-        parser.add_argument("--" + name, type=kind, help="%s (full %s, quick %s)" % (what, FULL[name], QUICK[name]))
+                             ("pollers", int, "check_event long-pollers"), ("hold", float, "seconds they are held"),
+                             ("streams", int, "event streams held"), ("stream_events", int, "messages to them"),
+                             ("load_streams", int, "event streams under load"),
+                             ("stream_rate", float, "messages per second to them"),
+                             ("stream_seconds", float, "seconds of that load")):
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, help="%s (full %s, quick %s)" % (what, FULL[name], QUICK[name]))
     parser.add_argument("--json", metavar="FILE", help="write every raw figure to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, client files)")
     parser.add_argument("--child", nargs=2, metavar=("ROLE", "OPTIONS"), help=argparse.SUPPRESS)

@@ -57,10 +57,12 @@ def test_quick_benchmark_runs_every_item_and_prints_the_table():
     out = done.stdout.decode("utf-8")
     assert done.returncode == 0, done.stderr.decode("utf-8", "replace")[-3000:]
     for heading in ("1. login", "2. RSS of the client process", "3. info routes", "4. send_friend_message",
-                    "5. message latency", "6. 200 check_event long-pollers", "7. ", "targets"):
+                    "5. message latency", "6. 200 check_event long-pollers", "7. ", "8. 200 event streams",
+                    "9. 20 event streams", "targets"):
         assert heading in out, out
     for row in ("get_friend_info        1", "get_group_info        32", "sync, 32 clients", "async, 32 clients",
-                "beyond the upstream: -> post_api", "pollers answered with the event"):
+                "beyond the upstream: -> post_api", "pollers answered with the event",
+                "deliveries lost 0, twice 0; streams cut 0", "(300 messages x 20 streams): lost 0, twice 0"):
         assert row in out, out
     assert "errors (" not in out, out        # figures are free, but every answer must have been a 200
 
