@@ -3806,19 +3806,21 @@ class Parker(object):
                 if self.stopping:
                     return
                 arriving, self.arriving = self.arriving, []
-                news, self.news = self.news or bool(arriving), False
+                news, self.news = self.news, False
             for entry in arriving:
                 entry.sock.settimeout(0)
                 self.parked[entry.sock] = entry
                 self.selector.register(entry.sock, selectors.EVENT_READ, entry)
             now = time.monotonic()
-            for entry in [e for e in self.parked.values() if e.deadline <= now or (news and (
-                    e.stream is not None or (e.req is not None and e.ready())))]:
+            # After news every entry may be ready; otherwise only those just parked (news came before them).
+            woken = dict.fromkeys(e for e in (self.parked.values() if news else arriving)
+                                  if e.stream is not None or (e.req is not None and e.ready()))
+            for entry in list(woken) + [e for e in self.parked.values() if e.deadline <= now and e not in woken]:
                 try:
                     if entry.stream is None:
                         self.due(entry)
                     else:
-                        self.pump(entry, news, now)
+                        self.pump(entry, entry in woken, now)
                 except Exception:
                     self.server.log.exception("%s parked request failed", self.server.name)
                     self.drop(entry)
@@ -3859,9 +3861,9 @@ class Parker(object):
         else:
             entry.deadline = time.monotonic() + self.server.request_timeout
 
-    def pump(self, entry, news, now):
+    def pump(self, entry, pull, now):
         """Write what a stream has for its client; after keep_alive seconds of silence, its idle() bytes."""
-        data = entry.stream.pull() if news else b""
+        data = entry.stream.pull() if pull else b""
         if data is None:
             self.drop(entry)
             return

@@ -307,61 +307,42 @@ const FACES = __FACES__;
 const FACE_TOKEN = /\[([^\[\]\s]{1,8})\]/g;
 const FACE_NAMES = new Set(FACES);
 
-// -- words, in Chinese and English ------------------------------------------------------------
+// -- words: [English, Chinese] ----------------------------------------------------------------
 const WORDS = {
-  en: {
-    title: "webqq", filter: "Filter contacts", friends: "Friends", groups: "Groups", discusses: "Discusses",
-    sessions: "Temporary sessions", strangers: "Strangers", pick: "Pick a contact to start chatting.",
-    placeholder: "Message (Enter sends, Shift+Enter for a new line)", send: "Send", faces: "Faces",
-    sending: "sending\u2026", sent: "sent", failed: "failed", code: "code", back: "Back",
-    live: "live", reconnecting: "reconnecting\u2026", offline: "webqq is not answering",
-    token: "access token needed: open /console/?access_token=\u2026", you: "me", empty: "No messages yet.",
-    kinds: {friend: "friend", group: "group", discuss: "discuss", sess: "temporary session"},
-    via: "via", loaded: "loaded", members: "members of groups",
-    states: {init: "Starting", loading: "Connecting", scaning: "Scan the QR code", confirming: "Confirm on your phone",
-             updating: "Loading your contacts", running: "Logged in", stop: "Stopped"},
-    next: {
-      smartqq: {
-        init: "webqq is starting.", loading: "Connecting to QQ to get a QR code\u2026",
-        scaning: "Open the QQ app on your phone, tap + and then Scan, and point it at this code.\nA new code replaces this one when it expires.",
-        confirming: "Scanned. Now tap Log in (Allow) on your phone.",
-        updating: "Logged in. Loading your friends, groups and discusses\u2026",
-        stop: "webqq has stopped. Start it again to log in."},
-      onebot: {
-        init: "webqq is starting.",
-        loading: "Waiting for the OneBot implementation (NapCat, LLOneBot) to answer with a logged-in account.\nStart it, log the account in there, and check url and access_token in the [onebot] section.",
-        scaning: "Log the account in at the OneBot implementation.", confirming: "Confirm the login at the OneBot implementation.",
-        updating: "Connected. Loading your friends and groups\u2026",
-        stop: "webqq has stopped. Start it again."}}
-  },
-  zh: {
-    title: "webqq", filter: "\u641c\u7d22\u8054\u7cfb\u4eba", friends: "\u597d\u53cb", groups: "\u7fa4", discusses: "\u8ba8\u8bba\u7ec4",
-    sessions: "\u4e34\u65f6\u4f1a\u8bdd", strangers: "\u964c\u751f\u4eba", pick: "\u9009\u62e9\u4e00\u4e2a\u8054\u7cfb\u4eba\u5f00\u59cb\u804a\u5929\u3002",
-    placeholder: "\u6d88\u606f\uff08Enter \u53d1\u9001\uff0cShift+Enter \u6362\u884c\uff09", send: "\u53d1\u9001", faces: "\u8868\u60c5",
-    sending: "\u53d1\u9001\u4e2d\u2026", sent: "\u5df2\u53d1\u9001", failed: "\u53d1\u9001\u5931\u8d25", code: "\u4ee3\u7801", back: "\u8fd4\u56de",
-    live: "\u5df2\u8fde\u63a5", reconnecting: "\u91cd\u65b0\u8fde\u63a5\u4e2d\u2026", offline: "webqq \u6ca1\u6709\u54cd\u5e94",
-    token: "\u9700\u8981 access token\uff1a\u8bf7\u6253\u5f00 /console/?access_token=\u2026", you: "\u6211", empty: "\u8fd8\u6ca1\u6709\u6d88\u606f\u3002",
-    kinds: {friend: "\u597d\u53cb", group: "\u7fa4", discuss: "\u8ba8\u8bba\u7ec4", sess: "\u4e34\u65f6\u4f1a\u8bdd"},
-    via: "\u6765\u81ea", loaded: "\u5df2\u52a0\u8f7d", members: "\u7fa4\u6210\u5458",
-    states: {init: "\u6b63\u5728\u542f\u52a8", loading: "\u6b63\u5728\u8fde\u63a5", scaning: "\u8bf7\u626b\u63cf\u4e8c\u7ef4\u7801", confirming: "\u8bf7\u5728\u624b\u673a\u4e0a\u786e\u8ba4",
-             updating: "\u6b63\u5728\u52a0\u8f7d\u8054\u7cfb\u4eba", running: "\u5df2\u767b\u5f55", stop: "\u5df2\u505c\u6b62"},
-    next: {
-      smartqq: {
-        init: "webqq \u6b63\u5728\u542f\u52a8\u3002", loading: "\u6b63\u5728\u8fde\u63a5QQ\u83b7\u53d6\u4e8c\u7ef4\u7801\u2026",
-        scaning: "\u5728\u624b\u673a\u4e0a\u6253\u5f00QQ\uff0c\u70b9 + \u518d\u70b9\u201c\u626b\u4e00\u626b\u201d\uff0c\u626b\u63cf\u8fd9\u4e2a\u4e8c\u7ef4\u7801\u3002\n\u4e8c\u7ef4\u7801\u8fc7\u671f\u540e\u4f1a\u81ea\u52a8\u6362\u65b0\u3002",
-        confirming: "\u5df2\u626b\u63cf\uff0c\u8bf7\u5728\u624b\u673a\u4e0a\u70b9\u201c\u767b\u5f55\u201d\u3002",
-        updating: "\u767b\u5f55\u6210\u529f\uff0c\u6b63\u5728\u52a0\u8f7d\u597d\u53cb\u3001\u7fa4\u548c\u8ba8\u8bba\u7ec4\u2026",
-        stop: "webqq \u5df2\u505c\u6b62\uff0c\u8bf7\u91cd\u65b0\u542f\u52a8\u518d\u767b\u5f55\u3002"},
-      onebot: {
-        init: "webqq \u6b63\u5728\u542f\u52a8\u3002",
-        loading: "\u6b63\u5728\u7b49\u5f85 OneBot \u5b9e\u73b0\uff08NapCat\u3001LLOneBot\uff09\u8fd4\u56de\u5df2\u767b\u5f55\u7684\u5e10\u53f7\u3002\n\u8bf7\u542f\u52a8\u5b83\u5e76\u5728\u90a3\u91cc\u767b\u5f55\u5e10\u53f7\uff0c\u518d\u68c0\u67e5 [onebot] \u4e2d\u7684 url \u548c access_token\u3002",
-        scaning: "\u8bf7\u5728 OneBot \u5b9e\u73b0\u4e2d\u767b\u5f55\u5e10\u53f7\u3002", confirming: "\u8bf7\u5728 OneBot \u5b9e\u73b0\u4e2d\u786e\u8ba4\u767b\u5f55\u3002",
-        updating: "\u5df2\u8fde\u63a5\uff0c\u6b63\u5728\u52a0\u8f7d\u597d\u53cb\u548c\u7fa4\u2026",
-        stop: "webqq \u5df2\u505c\u6b62\uff0c\u8bf7\u91cd\u65b0\u542f\u52a8\u3002"}}
-  }
+  "filter": ["Filter contacts", "搜索联系人"],
+  "friends": ["Friends", "好友"], "groups": ["Groups", "群"], "discusses": ["Discusses", "讨论组"],
+  "sessions": ["Temporary sessions", "临时会话"], "strangers": ["Strangers", "陌生人"],
+  "pick": ["Pick a contact to start chatting.", "选择一个联系人开始聊天。"],
+  "empty": ["No messages yet.", "还没有消息。"],
+  "placeholder": ["Message (Enter sends, Shift+Enter for a new line)", "消息（Enter 发送，Shift+Enter 换行）"],
+  "send": ["Send", "发送"], "faces": ["Faces", "表情"], "back": ["Back", "返回"],
+  "sending": ["sending\u2026", "发送中\u2026"], "sent": ["sent", "已发送"], "failed": ["failed", "发送失败"],
+  "code": ["code", "代码"],
+  "live": ["live", "已连接"], "reconnecting": ["reconnecting\u2026", "重新连接中\u2026"],
+  "offline": ["webqq is not answering", "webqq 没有响应"],
+  "token": ["access token needed: open /console/?access_token=\u2026", "需要 access token：请打开 /console/?access_token=\u2026"],
+  "loaded": ["loaded", "已加载"], "members": ["members of groups", "群成员"],
+  "kind.friend": ["friend", "好友"], "kind.group": ["group", "群"], "kind.discuss": ["discuss", "讨论组"],
+  "kind.sess": ["temporary session", "临时会话"],
+  "state.init": ["Starting", "正在启动"], "state.loading": ["Connecting", "正在连接"],
+  "state.scaning": ["Scan the QR code", "请扫描二维码"], "state.confirming": ["Confirm on your phone", "请在手机上确认"],
+  "state.updating": ["Loading your contacts", "正在加载联系人"], "state.running": ["Logged in", "已登录"],
+  "state.stop": ["Stopped", "已停止"],
+  "smartqq.init": ["webqq is starting.", "webqq 正在启动。"],
+  "smartqq.loading": ["Connecting to QQ to get a QR code\u2026", "正在连接QQ获取二维码\u2026"],
+  "smartqq.scaning": ["Open the QQ app on your phone, tap + and then Scan, and point it at this code.\nA new code replaces this one when it expires.",
+                      "在手机上打开QQ，点 + 再点“扫一扫”，扫描这个二维码。\n二维码过期后会自动换新。"],
+  "smartqq.confirming": ["Scanned. Now tap Log in (Allow) on your phone.", "已扫描，请在手机上点“登录”。"],
+  "smartqq.updating": ["Logged in. Loading your friends, groups and discusses\u2026", "登录成功，正在加载好友、群和讨论组\u2026"],
+  "smartqq.stop": ["webqq has stopped. Start it again to log in.", "webqq 已停止，请重新启动再登录。"],
+  "onebot.init": ["webqq is starting.", "webqq 正在启动。"],
+  "onebot.loading": ["Waiting for the OneBot implementation (NapCat, LLOneBot) to answer with a logged-in account.\nStart it, log the account in there, and check url and access_token in the [onebot] section.",
+                     "正在等待 OneBot 实现（NapCat、LLOneBot）返回已登录的帐号。\n请启动它并在那里登录帐号，再检查 [onebot] 中的 url 和 access_token。"],
+  "onebot.updating": ["Connected. Loading your friends and groups\u2026", "已连接，正在加载好友和群\u2026"],
+  "onebot.stop": ["webqq has stopped. Start it again.", "webqq 已停止，请重新启动。"],
 };
 let lang = localStorage.getItem("webqq-lang") || (/^zh/i.test(navigator.language) ? "zh" : "en");
-const t = (key) => WORDS[lang][key];
+const t = (key, otherwise) => key in WORDS ? WORDS[key][lang === "zh" ? 1 : 0] : otherwise;
 
 // -- the token: ?access_token= once, then kept for this tab ----------------------------------------
 const params = new URLSearchParams(location.search);
@@ -571,7 +552,7 @@ async function openConversation(c) {
   c.unread = 0;
   document.body.classList.add("chatting");
   $("title").textContent = c.name;
-  $("kind").textContent = t("kinds")[c.kind] || "";
+  $("kind").textContent = t("kind." + c.kind, "");
   $("composer").hidden = false;
   renderContacts();
   renderConversation();
@@ -658,15 +639,14 @@ async function send() {
 function renderStatus(s) {
   status = s;
   const running = s.state === "running";
-  $("state").textContent = t("states")[s.state] || s.state;
+  $("state").textContent = t("state." + s.state, s.state);
   $("state").className = "pill " + s.state;
   $("me").textContent = s.user ? s.user.name + (s.user.uid ? " (" + s.user.uid + ")" : "") : s.account;
   document.title = "webqq " + (s.user ? s.user.name : s.account) + " - " + s.state;
   $("login").hidden = running;
   $("app").hidden = !running;
-  $("headline").textContent = t("states")[s.state] || s.state;
-  const words = t("next")[s.upstream === "onebot" ? "onebot" : "smartqq"];
-  $("next").textContent = words[s.state] || s.state_text;
+  $("headline").textContent = t("state." + s.state, s.state);
+  $("next").textContent = t((s.upstream === "onebot" ? "onebot." : "smartqq.") + s.state, s.state_text);
   const steps = Object.keys(s.progress || {}).map((k) => ({friend: t("friends"), group: t("groups"), discuss: t("discusses"),
     member: t("members")}[k] || k) + " " + s.progress[k][0] + "/" + s.progress[k][1]);
   $("progress").textContent = steps.length ? t("loaded") + ": " + steps.join(", ") : "";
@@ -747,7 +727,7 @@ function words() {
   $("send").textContent = t("send");
   $("faces").title = t("faces");
   $("back").title = t("back");
-  if (current) $("kind").textContent = t("kinds")[current.kind] || "";
+  if (current) $("kind").textContent = t("kind." + current.kind, "");
   if (status) renderStatus(status);
   if (source) link(source.readyState === EventSource.OPEN ? "live" : "reconnecting");
   renderContacts();

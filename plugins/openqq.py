@@ -483,13 +483,21 @@ class EventStream(webqq.Stream):
     def pull(self, timeout=0.0, alive=None):
         if self.hub.closed:
             return None
+        asked, seq = (self.cursor, self.types), self.hub.seq
+        last = self.api.stream_pull
+        if timeout == 0 and last[:2] == (asked, seq):      # a thousand streams at one cursor read the hub once
+            self.cursor = last[2]
+            return last[3]
         pairs = self.hub.read(self.cursor, timeout, alive or (lambda: True))
         if not pairs:
             return None if self.hub.closed else b""
         begin = pairs[0][0] - 1
         reset = b"" if begin == self.cursor else sse_block("reset", begin, {"asked": self.cursor, "cursor": begin})
         self.cursor = pairs[-1][0]
-        return reset + self.api.encoded(pairs, self.types, as_sse)
+        data = reset + self.api.encoded(pairs, self.types, as_sse)
+        if timeout == 0:
+            self.api.stream_pull = (asked, seq, self.cursor, data)
+        return data
 
 
 class Api(webqq.Api):
@@ -527,6 +535,7 @@ class Api(webqq.Api):
         self.cache = {}
         self.cache_lock = threading.Lock()
         self.events_answer = (None, b"[]")     # the last cursor-mode answer or stream chunk: many readers ask the same
+        self.stream_pull = (None, None, None, None)     # the last EventStream.pull: (asked, hub seq, cursor, bytes)
 
     def route(self, req):
         """A route's handler, or a handler another plugin mounted on a prefix of the path (Openqq.mount)."""

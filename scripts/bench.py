@@ -707,26 +707,26 @@ class Streams(object):
         self.thread.start()
 
     def run(self):
-        selector = self.load.selector
+        selector, buffer, view = self.load.selector, self.load.buffer, self.load.view
         while not self.done.is_set() and self.buffers:
             events = selector.select(0.1)
             now = time.time()
-            for key, _ in events:
-                conn = key.data
-                try:
-                    data = conn.sock.recv(262144)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    selector.unregister(conn.sock)
-                    del self.buffers[conn]
-                    self.closed += 1
-                    continue
-                blocks = (self.buffers[conn] + data).split(b"\n\n")
-                self.buffers[conn] = blocks.pop()
-                with self.lock:
+            with self.lock:
+                for key, _ in events:
+                    conn = key.data
+                    try:
+                        size = conn.sock.recv_into(buffer)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        size = 0
+                    if not size:
+                        selector.unregister(conn.sock)
+                        del self.buffers[conn]
+                        self.closed += 1
+                        continue
+                    blocks = (self.buffers[conn] + view[:size]).split(b"\n\n")
+                    self.buffers[conn] = blocks.pop()
                     for block in blocks:
                         found = self.MESSAGE_ID.search(block)
                         if found is None:
@@ -971,6 +971,12 @@ class Bench(object):
                          "last": times[-1] - delivered if times and delivered else None})
         self.results["pollers"] = runs
 
+    def open_streams(self, client, url, count):
+        """count event streams from the hub's cursor now (so none misses what comes next), once they are parked."""
+        self.load.call("open_streams", url=url, path="/openqq/events?cursor=%d" % client.call("hub_seq"), count=count)
+        if not wait_until(lambda: client.call("parked") >= count, 60, 0.05):
+            progress("warning: not all %d streams are parked" % count)
+
     # 8
     def streams(self, client, url):
         runs, count = [], self.cfg["streams"]
@@ -980,9 +986,7 @@ class Bench(object):
                 count, self.cfg["stream_events"], n + 1, self.cfg["runs"]))
             wait_until(lambda: proc_status(client.pid).get("threads", 0) <= idle, 60, 0.05)
             before = proc_status(client.pid)
-            self.load.call("open_streams", url=url, path="/openqq/events", count=count)
-            if not wait_until(lambda: client.call("parked") >= count, 60, 0.05):
-                progress("warning: not all %d streams are parked" % count)
+            self.open_streams(client, url, count)
             time.sleep(1.0)
             held = proc_status(client.pid)
             ids = []
@@ -1003,9 +1007,7 @@ class Bench(object):
         progress("%d event streams, %g messages/s for %g s" % (count, rate, seconds))
         self.sim.call("forget")
         before = proc_status(client.pid)
-        self.load.call("open_streams", url=url, path="/openqq/events", count=count)
-        if not wait_until(lambda: client.call("parked") >= count, 60, 0.05):
-            progress("warning: not all %d streams are parked" % count)
+        self.open_streams(client, url, count)
         self.sim.call("inject", count=int(rate * seconds), rate=rate)
         ids = self.sim.call("injected_ids")
         accepted = wait_until(lambda: (lambda a: len(a) == len(ids) and a)(client.call("accepted", ids=ids)),

@@ -139,8 +139,9 @@ def get_json(url):
 
 def test_console_routes_follow_the_openqq_rules(sim, console):
     url = console.url
-    status, headers, body = http(url + "/console/", token=None)
-    assert (status, json.loads(body)) == (403, {"code": -6, "status": "auth failure"})
+    for path in ("/console/", "/console/history?conversation=friend:1", "/console/conversations", "/console/status"):
+        status, headers, body = http(url + path, token=None)
+        assert (status, json.loads(body)) == (403, {"code": -6, "status": "auth failure"}), path
     status, headers, body = http(url + "/console/", headers={"Origin": "http://evil.example"})
     assert (status, json.loads(body)) == (403, {"code": -6, "status": "cross-site request refused"})
     status, headers, body = http(url + "/console/")
