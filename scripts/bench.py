@@ -2,7 +2,7 @@
 # -*- coding: utf-8 -*-
 """bench: figures for webqq against the simulator, every party on loopback in a process of its own.
 
-    python scripts/bench.py                  # the full benchmark (about 6 minutes on 2 cores)
+    python scripts/bench.py                  # the full benchmark (about 7 minutes on 2 cores)
     python scripts/bench.py --quick          # a small version of each item, in under a minute
     python scripts/bench.py --json out.json  # also write every raw figure
 
