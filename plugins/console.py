@@ -432,12 +432,10 @@ async function loadContacts(kind) {
 }
 
 async function loadConversations() {
+  // The conversations kept on the server that are no contact's (temporary sessions, strangers) join the list.
   const answer = await json("/console/conversations");
   for (const row of answer.conversations || []) {
-    const [name, section] = named(row.last, row.conversation);
-    const known = conversations.get(row.conversation);
-    const c = known && known.fromContacts ? known : conversation(row.conversation, name, section);
-    c.last = c.last || row.last;
+    if (!conversations.has(row.conversation)) conversation(row.conversation, ...named(row.last, row.conversation));
   }
   renderContacts();
 }
@@ -537,7 +535,6 @@ function addMessage(c, m) {
   }
   c.seen.add(key);
   c.messages.push(m);
-  c.last = m;
   if (c === current) {
     const log = $("log"), near = log.scrollHeight - log.scrollTop - log.clientHeight < 80;
     const empty = $("empty"); if (empty) empty.remove();

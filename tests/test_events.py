@@ -215,13 +215,17 @@ def test_the_type_filter_of_the_stream_and_of_check_event(sim, env):
     assert [i["content"] for i in r.json()] == ["群消息"] and r.headers["X-Cursor"] == str(start + 2)
     r = check_event(env.url, cursor=start, type="receive_message")
     assert [i["content"] for i in r.json()] == ["not for the filter", "群消息"]
-    # nothing matching yet: the poll waits for a match, not for the next event
+    # nothing matching yet: the poll waits (parked) for a match, not for the next event
+    server = env.plugin_.servers[0]
+    assert wait_until(lambda: len(server.parker) == 0)
     waiting = {}
     thread = threading.Thread(target=lambda: waiting.update(r=check_event(env.url, cursor=start + 2,
                                                                           type="discuss_message")))
     thread.start()
+    assert wait_until(lambda: len(server.parker) == 1)
     sim.inject_friend_message(friend.uin, "still not")
     env.recorder.wait("receive_message", count=3)
+    thread.join(0.5)                    # time enough for the parker to answer, were it to answer now
     assert thread.is_alive()
     discuss = sim.world.discusses[0]
     sim.inject_discuss_message(discuss.did, [m for m in discuss.members if m.uin != sim.world.user.uin][0].uin, "讨论")
