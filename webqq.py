@@ -33,6 +33,7 @@ import collections
 import datetime
 import difflib
 import email.parser
+import errno
 import email.policy
 import hmac
 import html
@@ -2120,6 +2121,7 @@ class Client(EventEmitter):
         self.upstream = None
         self.qrcode = None
         self.exit_status = 0
+        self.load_error = None  # the exception of the last load() that failed
         self.send_failure_count = 0
         self._cond = threading.Condition()  # guards state, _session, the start of stop() and the send queue
         self._send_queue = collections.deque()
@@ -2167,10 +2169,16 @@ class Client(EventEmitter):
                 options = dict(options.pop("data"), **options)
             options = read_options(module.__name__.rpartition(".")[2], table, options)
             plugin = module.call(self, **options)
+        except BindError as e:      # says all there is to say
+            self.load_error = e
+            self.log.error("%s", e)
+            return None
         except (ImportError, OSError, ValueError, TypeError) as e:
+            self.load_error = e
             self.log.error("插件[%s]加载失败 (plugin failed to load): %s", name, e)
             return None
-        except Exception:
+        except Exception as e:
+            self.load_error = e
             self.log.exception("插件[%s]加载失败 (plugin failed to load)", name)
             return None
         plugin = module if plugin is None else plugin
@@ -2194,10 +2202,11 @@ class Client(EventEmitter):
             if self.options["upstream"] == "smartqq":
                 self.upstream = SmartQQ(self)
             else:
-                self.load(self.options["upstream"], **(self.options["upstream_options"] or {}))
+                plugin = self.load(self.options["upstream"], **(self.options["upstream_options"] or {}))
                 if self.upstream is None:
-                    self.log.error("upstream %s is not available", self.options["upstream"])
-                    self.stop(status=1)
+                    if plugin is not None:      # a load that failed has told why
+                        self.log.error("upstream %s is not available", self.options["upstream"])
+                    self.stop_after_failed_load()
                     return
         start_qr_displays(self)
         if not self._claim_pid_file():
@@ -2261,6 +2270,11 @@ class Client(EventEmitter):
             remove_file(self.pid_path)
         self.log.info("客户端停止运行 (client stopped)")
         self._stopped.set()
+
+    def stop_after_failed_load(self):
+        """stop() because a plugin needed did not load: exit status 2 when it could not listen on its
+        address (a setting to change, as for a config error), else 1."""
+        self.stop(status=2 if isinstance(self.load_error, BindError) else 1)
 
     def join(self, timeout=None):
         """Wait until the client has stopped completely; True if it has."""
@@ -2867,6 +2881,24 @@ def mask_tokens(text):
     return QUERY_PAIR.sub(mask, text)
 
 
+class BindError(OSError):
+    """A server could not listen on its address; the text, one line, names the server, the address and why."""
+
+    IN_USE = (errno.EADDRINUSE, 10048)      # 10048: WSAEADDRINUSE, as Windows sockets report it
+
+    def __init__(self, server, address, error):
+        host, port = address[:2]
+        where = "%s:%s" % ("[%s]" % host if ":" in host else host, port)
+        if error.errno in self.IN_USE:
+            text = "%s无法监听%s：地址已被占用 (%s cannot listen on %s: the address is in use, by another " \
+                   "program or another webqq)" % (server, where, server, where)
+        else:
+            text = "%s无法监听%s (%s cannot listen on %s: %s)" % (server, where, server, where,
+                                                              error.strerror or error)
+        OSError.__init__(self, text)
+        self.errno = error.errno
+
+
 class TrackedHTTPServer(ThreadingHTTPServer):
     """A ThreadingHTTPServer that serves from a thread of its own and keeps track of each
     connection's thread, so that close() can end them all: every server of webqq is one.
@@ -2876,6 +2908,8 @@ class TrackedHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
     name = "http"
+    # Windows' SO_REUSEADDR lets a second server take a port that is in use, unnoticed.
+    allow_reuse_address = os.name != "nt"
 
     def __init__(self, address, handler):
         if ":" in address[0]:
@@ -2892,7 +2926,10 @@ class TrackedHTTPServer(ThreadingHTTPServer):
 
     def server_bind(self):
         # HTTPServer.server_bind also looks the host name up with getfqdn(): slow, and unused here.
-        socketserver.TCPServer.server_bind(self)
+        try:
+            socketserver.TCPServer.server_bind(self)
+        except OSError as e:
+            raise BindError(self.name, self.server_address, e)
         self.server_name, self.server_port = self.server_address[:2]
 
     def start(self):
@@ -4809,8 +4846,9 @@ def should_pause(setting, stdin=None):
 
 # What to tell a person about a fatal error, by a piece of its text.
 HINTS = [
-    ("Address already in use", "another program (or another webqq) uses that port: set listen in [openqq], "
-                               "e.g. --listen 127.0.0.1:5001"),
+    ("the address is in use", "choose a free port in that listen setting ([openqq] listen, or --listen "
+                              "127.0.0.1:5001; [onebot] listen), or stop the program that holds it"),
+    ("OneBot拒绝了access_token", "set access_token in [onebot] to the token of NapCat's / LLOneBot's HTTP server"),
     ("another client of account", "close the other webqq first, or give this one another account name"),
     ("expired QR codes", "start webqq again and scan the QR code with the QQ app within two minutes"),
     (", line ", "fix that line of the config file (python webqq.py --init-config writes a commented example)"),
@@ -4929,7 +4967,7 @@ class Runner(object):
         plugins = sorted(self.settings.plugins.items(), key=lambda item: item[0] == "console")
         for name, options in plugins:
             if client.load(name, **options) is None:  # the reason is logged: LastError repeats it
-                client.stop(status=1)
+                client.stop_after_failed_load()
                 return client, False
         return client, True
 
@@ -5041,7 +5079,7 @@ def main(argv=None):
         runner.stop()
         status = 0
     except (ValueError, TypeError, OSError) as e:
-        status, last_error.message = 1, str(e)
+        status, last_error.message = 2 if isinstance(e, BindError) else 1, str(e)
     finally:
         logging.getLogger("webqq").removeHandler(last_error)
         if demo is not None:

@@ -837,7 +837,7 @@ def main(argv=None):
         controller = Controller(**args).start()
     except (RuntimeError, ValueError, OSError) as e:
         logging.getLogger("webqq").error("controller not started: %s", e)
-        return 1
+        return 2 if isinstance(e, webqq.BindError) else 1
     done = threading.Event()
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
