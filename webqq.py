@@ -1472,6 +1472,16 @@ def _unique_by(items, key):
     return {k: v for k, v in found.items() if k not in dupes}
 
 
+# Told once when what answers at w.qq.com (or smartqq_base) is not SmartQQ; %s: what happened.
+SMARTQQ_GONE = """SmartQQ无法访问 (SmartQQ cannot be reached: %s)
+  腾讯已于2019年1月1日关闭SmartQQ (w.qq.com)，真实的QQ帐号无法再通过它登录。
+  Tencent closed SmartQQ (w.qq.com) on 2019-01-01: no real QQ account can log in through it any more.
+    试用 (to try webqq):        python webqq.py --demo   (installed: webqq --demo)
+    真实帐号 (a real account):  NapCat or LLOneBot, and upstream = onebot in webqq.ini: see README.md,
+                                section "Living QQ accounts: OneBot", and docs/onebot.md
+  webqq keeps trying (smartqq_base may name a simulator that is still starting); Ctrl-C stops it."""
+
+
 class SmartQQ(Upstream):
     """The w.qq.com web protocol: QR login, contacts, poll2, sends, qinfo group admin."""
 
@@ -1487,6 +1497,7 @@ class SmartQQ(Upstream):
         self.poll_http = Http(base, timeout=opts["poll_timeout"], jar=jar, log=self.log)
         if opts["keep_cookie"]:
             self.http.load_cookies(client.cookie_path)
+        self.told_gone = False
         self._reset_session()
 
     def _reset_session(self):
@@ -1550,6 +1561,9 @@ class SmartQQ(Upstream):
         self._reset_session()
         try:
             self._prepare()
+        except (UpstreamError, TransportError) as e:
+            raise LoginFailed(self._gone(e), fatal=False)
+        try:
             url = self._resume_url()
             if url:
                 try:
@@ -1566,8 +1580,21 @@ class SmartQQ(Upstream):
             raise LoginFailed("登录失败: %s" % e, fatal=False)
 
     def _prepare(self):
-        self._call("GET", "http://w.qq.com/")
-        self._call("GET", XLOGIN, referer="http://w.qq.com/")
+        """Open w.qq.com and its login frame; UpstreamError when what answers there is not SmartQQ."""
+        sig = self.http.cookie("pt_login_sig")
+        for url, referer in (("http://w.qq.com/", None), (XLOGIN, "http://w.qq.com/")):
+            res = self._call("GET", url, referer=referer)
+            if res.status != 200:
+                raise UpstreamError(-1, "%s answered HTTP %d" % (url.split("?")[0], res.status))
+        if self.http.cookie("pt_login_sig") in (None, sig):
+            raise UpstreamError(-1, "the login page set no pt_login_sig")
+
+    def _gone(self, error):
+        """The text of a login that found no SmartQQ: the whole story is logged the first time."""
+        if not self.told_gone:
+            self.told_gone = True
+            self.log.warning(SMARTQQ_GONE, error)
+        return "SmartQQ无法访问 (SmartQQ cannot be reached: %s)" % error
 
     def _resume_url(self):
         """A check_sig URL from pt4_auth when saved cookies still hold a session, else None."""
