@@ -92,7 +92,7 @@ __all__ = [
     "OptionError", "read_options", "one_of", "check_url", "check_listen", "check_port", "check_log_level",
     "ArgumentParser",
     # helpers
-    "json_dumps", "to_int", "to_bool", "to_list", "is_loopback", "atomic_write", "remove_file", "read_pid",
+    "Thread", "json_dumps", "to_int", "to_bool", "to_list", "is_loopback", "atomic_write", "remove_file", "read_pid",
     "pid_alive", "save_file", "configure_logging", "read_config", "ENV_PREFIX", "main",
 ]
 
@@ -220,6 +220,26 @@ def remove_file(path):
         return True
     except OSError:
         return False
+
+
+class Thread(threading.Thread):
+    """A daemon thread that never dies silently: an exception that ends it is logged with the
+    thread's name, then on_crash(name) runs (a client's threads stop the client)."""
+
+    DIED = "线程%s意外终止 (thread %s died)"
+
+    def __init__(self, name, target, args=(), log=None, on_crash=None):
+        threading.Thread.__init__(self, target=target, args=args, name=name, daemon=True)
+        self.log = log or logging.getLogger("webqq")
+        self.on_crash = on_crash
+
+    def run(self):
+        try:
+            threading.Thread.run(self)
+        except Exception:
+            self.log.exception(self.DIED, self.name, self.name)
+            if self.on_crash is not None:
+                self.on_crash(self.name)
 
 
 def json_dumps(obj):
@@ -2352,9 +2372,19 @@ class Client(EventEmitter):
                 "version": self.version, "log_level": self.options["log_level"],
                 "log_path": self.options["log_path"] or "", "log_encoding": None, "http_debug": 0}
 
+    def thread(self, name, target, *args):
+        """A daemon thread for the client or a plugin, not started yet: an exception that ends it is
+        logged and stops the client (exit status 1), so that no part of it dies silently."""
+        return Thread(name, target, args, self.log, self._thread_died)
+
+    def _thread_died(self, name):
+        if self.stopping:       # it died while the client stops: stop() is waiting for it
+            return
+        self.stop(reason="线程%s意外终止，客户端停止运行 (thread %s died: see the error above)" % (name, name),
+                  status=1)
+
     def _spawn(self, name, target):
-        thread = threading.Thread(target=target, name=name)
-        thread.daemon = True
+        thread = self.thread(name, target)
         self._threads.append(thread)
         thread.start()
         return thread
@@ -2565,31 +2595,40 @@ class Client(EventEmitter):
         return group.members_loaded
 
     def _update_loop(self):
-        interval = float(self.options["update_interval"])
         while self.wait_for_state("running", "stop") and not self.stopping:
-            with self._cond:
-                session, stale, self._members_stale = self._session, self._members_stale, False
-            if stale:
-                self._reload_members(session)
-            if self.options["load_members"]:
-                pending = [group for group in self.contacts.groups() if not group.members_loaded]
-                for done, group in enumerate(pending, 1):
-                    if not self._current(session):
-                        break
-                    self.ensure_members(group)
-                    self.emit("progress", "member", done, len(pending))
-            deadline = time.time() + interval
-            with self._cond:
-                self._cond.wait_for(lambda: not self._current(session) or time.time() >= deadline,
-                                    max(0.0, deadline - time.time()))
-            if not self._current(session):
-                continue
-            ok = [self._refresh(kind) for kind in ("friend", "group", "discuss")]
-            if self.contacts.user.name is None:  # get_self_info2 failed at login
-                self._load_user()
+            try:
+                self._update()
+            except Exception:       # a malformed answer: this round is lost, the next one comes
+                self.log.exception("联系人更新出错 (contact update failed)")
+                self.sleep(float(self.options["update_interval"]))
+
+    def _update(self):
+        """One round of webqq-update: reload stale member lists, load the members not loaded yet, wait
+        update_interval, refresh."""
+        interval = float(self.options["update_interval"])
+        with self._cond:
+            session, stale, self._members_stale = self._session, self._members_stale, False
+        if stale:
             self._reload_members(session)
-            if not (ok[0] or ok[1]):
-                self.relogin()
+        if self.options["load_members"]:
+            pending = [group for group in self.contacts.groups() if not group.members_loaded]
+            for done, group in enumerate(pending, 1):
+                if not self._current(session):
+                    break
+                self.ensure_members(group)
+                self.emit("progress", "member", done, len(pending))
+        deadline = time.time() + interval
+        with self._cond:
+            self._cond.wait_for(lambda: not self._current(session) or time.time() >= deadline,
+                                max(0.0, deadline - time.time()))
+        if not self._current(session):
+            return
+        ok = [self._refresh(kind) for kind in ("friend", "group", "discuss")]
+        if self.contacts.user.name is None:  # get_self_info2 failed at login
+            self._load_user()
+        self._reload_members(session)
+        if not (ok[0] or ok[1]):
+            self.relogin()
 
     def _reload_members(self, session):
         """Fetch again the member lists loaded before, reporting what changed, while session runs."""
@@ -2944,8 +2983,7 @@ class TrackedHTTPServer(ThreadingHTTPServer):
         self.connections = {}  # thread -> the socket it serves
         self.connections_lock = threading.Lock()
         ThreadingHTTPServer.__init__(self, address, handler)
-        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
-                                       name="%s-%d" % (self.name, self.port), daemon=True)
+        self.thread = Thread("%s-%d" % (self.name, self.port), self.serve_forever, (0.1,), getattr(self, "log", None))
 
     @property
     def port(self):
@@ -2968,8 +3006,8 @@ class TrackedHTTPServer(ThreadingHTTPServer):
 
     def spawn(self, target, request, *args):
         """Run target(request, *args) on a connection thread of its own, tracked until it returns."""
-        thread = threading.Thread(target=self._run_tracked, args=(target, request) + args,
-                                  name="%s-conn-%d" % (self.name, self.port), daemon=True)
+        thread = Thread("%s-conn-%d" % (self.name, self.port), self._run_tracked, (target, request) + args,
+                        getattr(self, "log", None))
         with self.connections_lock:
             self.connections[thread] = request
         thread.start()
@@ -3842,8 +3880,7 @@ class Parker(object):
         self.parked = {}            # socket -> Parked; only the parker's thread changes it
         self.news = False           # something changed: some waiting request may be ready
         self.stopping = False
-        self.thread = threading.Thread(target=self.run, name="%s-park-%d" % (server.name, server.port),
-                                       daemon=True)
+        self.thread = Thread("%s-park-%d" % (server.name, server.port), self.run, log=server.log)
 
     def __len__(self):
         return len(self.parked) + len(self.arriving)
@@ -4108,7 +4145,7 @@ class Poller(object):
         self.owner = owner
         self.url = url
         self.http = Http(log=owner.log, user_agent=OWN_AGENT)
-        self.thread = threading.Thread(target=self.run, name=name, daemon=True)
+        self.thread = Thread(name, self.run, log=owner.log)
 
     def run(self):
         stopped = self.owner.stopped
@@ -5044,7 +5081,7 @@ class Demo(object):
         module = load_simulator()
         self.sim = module.Simulator(auto_scan=2.0, poll_hold=20.0).start()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._chatter, name="webqq-demo-chatter", daemon=True)
+        self._thread = Thread("webqq-demo-chatter", self._chatter)
         self._thread.start()
         options.setdefault("account", "demo")
         options.update(smartqq_base=self.sim.url, qr_check_interval=1.0)
@@ -5095,7 +5132,7 @@ def main(argv=None):
     runner, demo = Runner(settings), None
     try:
         import signal
-        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=runner.stop, name="webqq-signal").start())
+        signal.signal(signal.SIGTERM, lambda *_: Thread("webqq-signal", runner.stop).start())
     except (ImportError, ValueError, AttributeError):
         pass
     try:

@@ -497,7 +497,7 @@ class Controller(object):
         return self.urls[0]
 
     def spawn_thread(self, name, target):
-        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread = webqq.Thread(name, target, log=self.log)
         self.threads.append(thread)
         thread.start()
 

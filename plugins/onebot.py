@@ -452,7 +452,7 @@ class OneBot(Upstream):
         self.receiver = EventReceiver(opts["listen"], opts["secret"], opts["max_body_size"], self.events.put,
                                       self.log)
         self.receiver.self_id = opts["self_id"]
-        self.worker = threading.Thread(target=self._work, name="onebot-events", daemon=True)
+        self.worker = client.thread("onebot-events", self._work)
 
     def start(self):
         self.receiver.start()

@@ -230,8 +230,7 @@ class Reporter(object):
         self.stopping = threading.Event()
         self.deadline = None
         self.counts = {"sent": 0, "retried": 0, "dropped": 0, "failed": 0}
-        self.threads = [threading.Thread(target=self._work, args=(i,), name="openqq-post-%d" % i,
-                                         daemon=True) for i in range(len(self.queues))]
+        self.threads = [client.thread("openqq-post-%d" % i, self._work, i) for i in range(len(self.queues))]
 
     def start(self):
         for t in self.threads:
@@ -956,7 +955,7 @@ class Openqq(object):
                     action()
             finally:
                 self.threads.discard(threading.current_thread())
-        t = threading.Thread(target=run, name=name, daemon=True)
+        t = self.client.thread(name, run)
         self.threads.add(t)
         t.start()
 

@@ -64,7 +64,7 @@ class QRMail(object):
         self.count = 0
         self.sent = 0
         self.stopped = False
-        self.thread = threading.Thread(target=self.work, name="qrmail", daemon=True)
+        self.thread = client.thread("qrmail", self.work)
         self.thread.start()
         client.on("login", self.on_login)
         self.qr_display = "email to %s via %s:%d (%s)" % (", ".join(self.to), opts["host"], opts["port"], opts["tls"])

@@ -159,6 +159,17 @@ class LogLines(logging.Handler):
         logging.Handler.close(self)
 
 
+@pytest.fixture(autouse=True)
+def no_thread_dies():
+    """Fails the test in which a thread of webqq died: its guard (webqq.Thread) logs the exception
+    rather than let it reach pytest's unhandled-thread-exception check."""
+    errors = LogLines(logging.ERROR)
+    yield
+    errors.close()
+    deaths = [line for line in errors.lines if "(thread " in line and " died" in line]
+    assert not deaths, "a thread died:\n" + "\n".join(deaths)
+
+
 # -- an HTTP receiver: a post_api or poll_api endpoint -------------------------------------------
 
 class Answer(collections.namedtuple("Answer", "status body content_type delay location",
