@@ -297,13 +297,15 @@ logging.addLevelName(25, "MSG")
 
 
 class LogFormatter(logging.Formatter):
-    """The original's log lines: [yy/mm/dd HH:MM:SS] [level] text."""
+    """The original's log lines: [yy/mm/dd HH:MM:SS] [level] text; with a label (a controller's
+    client names itself so), [yy/mm/dd HH:MM:SS] [level] [label] text."""
 
     NAMES = {logging.DEBUG: "debug", logging.INFO: "info", 25: "msg", logging.WARNING: "warn",
              logging.ERROR: "error", logging.CRITICAL: "fatal"}
 
-    def __init__(self):
-        logging.Formatter.__init__(self, "[%(asctime)s] [%(short)s] %(message)s", "%y/%m/%d %H:%M:%S")
+    def __init__(self, label=None):
+        tag = "[%s] " % label.replace("%", "%%") if label else ""
+        logging.Formatter.__init__(self, "[%(asctime)s] [%(short)s] " + tag + "%(message)s", "%y/%m/%d %H:%M:%S")
 
     def format(self, record):
         record.short = self.NAMES.get(record.levelno, record.levelname.lower())
@@ -322,8 +324,9 @@ class StderrHandler(logging.StreamHandler):
         pass
 
 
-def configure_logging(level="info", path=None, stream=None):
-    """Send the `webqq` logger to path (or stream, default stderr) at level; idempotent."""
+def configure_logging(level="info", path=None, stream=None, label=None):
+    """Send the `webqq` logger to path (or stream, default stderr) at level, each line with label if
+    given; idempotent."""
     logger = logging.getLogger("webqq")
     logger.setLevel(LOG_LEVELS.get(str(level).lower(), logging.INFO))
     for handler in [h for h in logger.handlers if getattr(h, "webqq", False)]:
@@ -334,7 +337,7 @@ def configure_logging(level="info", path=None, stream=None):
     else:
         handler = logging.StreamHandler(stream) if stream else StderrHandler()
     handler.webqq = True
-    handler.setFormatter(LogFormatter())
+    handler.setFormatter(LogFormatter(label))
     logger.addHandler(handler)
     return logger
 
@@ -2143,7 +2146,9 @@ class Client(EventEmitter):
         self.options = opts = dict(read_options("webqq", self.OPTIONS, options))
         log = logging.getLogger("webqq")
         if opts["log_path"] or not any(getattr(h, "webqq", False) for h in log.handlers):
-            configure_logging(opts["log_level"], opts["log_path"])
+            # a client of a controller shares its log: each line says which client it comes from
+            label = opts["account"] if opts["controller_pid"] or opts["controller_pid_path"] else None
+            configure_logging(opts["log_level"], opts["log_path"], label=label)
         else:  # the process's log destination stays; the level is this client's
             log.setLevel(LOG_LEVELS.get(str(opts["log_level"]).lower(), logging.INFO))
         EventEmitter.__init__(self, log)

@@ -634,6 +634,8 @@ class Controller(object):
 
     def start_client(self, name, params):
         """start_client's answer: a new client process, or why not."""
+        if not self.await_stopped(name):
+            return {"code": CLIENT_ERROR, "status": "client still stopping", "client": name}
         with self.lock:
             child = self.children.get(name)
             if child is not None:
@@ -676,6 +678,27 @@ class Controller(object):
             return {"code": CLIENT_ERROR, "status": "failure"}
         self.log.info("client %s (pid %d) stopping", name, child.pid)
         return dict(child.public(), code=0, status="success")
+
+    def await_stopped(self, name):
+        """Wait until no process of client name that was asked to stop runs any more (reap() kills it
+        after its stop_timeout): until then it holds the account's pid and INI files. False if one still runs."""
+        with self.lock:
+            old = [child for child in self.stopping if child.name == name]
+        deadline = time.monotonic() + self.opts["stop_timeout"] + 5
+        for child in old:
+            while child.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if child.alive():
+                return False
+            self.forget(child)
+        return True
+
+    def forget(self, child):
+        """Drop a stopped client that is gone, and its INI file (once, whoever sees it gone first)."""
+        with self.lock:
+            if child in self.stopping:
+                self.stopping.remove(child)
+                remove_file(child.record["config_path"])
 
     def free_port(self, preferred=None):
         """A port for a client's API: preferred (a restarting client's own) if it is free, else
@@ -772,9 +795,7 @@ class Controller(object):
             stopping = list(self.stopping)
         for child in stopping:
             if not child.alive():
-                with self.lock:
-                    self.stopping.remove(child)
-                remove_file(child.record["config_path"])
+                self.forget(child)
             elif time.monotonic() > child.kill_at:
                 self.log.warning("client %s (pid %d) did not stop in time: killed", child.name, child.pid)
                 child.kill()
