@@ -613,15 +613,28 @@ def redact_url(url):
 
 
 class _SocketTracker(object):
-    """The sockets an Http opened, so that abort() can break a request blocked on one."""
+    """The sockets an Http opened, so that abort() can break a request blocked on one; once closed,
+    a socket that a request opens anyway (it began as the Http was closed) is shut at once."""
 
     def __init__(self):
         self._sockets = weakref.WeakSet()
         self._lock = threading.Lock()
+        self.closed = False
 
     def add(self, sock):
         with self._lock:
-            self._sockets.add(sock)
+            if not self.closed:
+                self._sockets.add(sock)
+                return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass
+
+    def close(self):
+        with self._lock:
+            self.closed = True
+        self.abort()
 
     def abort(self):
         with self._lock:
@@ -772,6 +785,8 @@ class Http(object):
         raise TransportError("too many redirects: " + redact_url(url))
 
     def _send(self, method, url, data, headers, timeout):
+        if self._tracker.closed:
+            raise TransportError("%s %s: closed" % (method, redact_url(url)))
         local = is_loopback(urllib.parse.urlsplit(url).hostname)
         try:
             if self._session is not None:
@@ -800,8 +815,8 @@ class Http(object):
         self._tracker.abort()
 
     def close(self):
-        """abort() and release pooled connections."""
-        self.abort()
+        """Break every request in progress and refuse new ones (TransportError); release pooled connections."""
+        self._tracker.close()
         if self._session is not None:
             self._session.close()
             self._local_session.close()

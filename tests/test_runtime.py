@@ -1,6 +1,11 @@
-"""The client's threads as they run: a loop that meets an unexpected error carries on (and says so)."""
+"""The client's threads as they run: a loop that meets an unexpected error carries on (and says so),
+and a closed transport ends what would hold stop() up."""
 import logging
+import socket
 
+import pytest
+
+import webqq
 from conftest import LogLines, log_in, wait_until
 
 
@@ -25,3 +30,21 @@ def test_a_contact_update_that_fails_unexpectedly_is_logged_and_the_next_one_com
     assert any(line.startswith("联系人更新出错 (contact update failed)") and "KeyError: 'uin'" in line
                for line in errors.lines), errors.lines
     assert client.state == "running"
+
+
+def test_a_closed_http_refuses_new_requests_and_cuts_a_socket_opened_late(make_receiver):
+    receiver = make_receiver()
+    http = webqq.Http(timeout=5)
+    assert http.get(receiver.url).status == 200
+    http.close()
+    with pytest.raises(webqq.TransportError, match="closed"):
+        http.get(receiver.url)
+    assert len(receiver.hits) == 1
+    # a request that got past that check as close() ran: the socket it opens is shut at once
+    late = socket.create_connection(("127.0.0.1", receiver.port), timeout=5)
+    try:
+        http._tracker.add(late)
+        with pytest.raises(OSError):
+            late.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    finally:
+        late.close()
