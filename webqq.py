@@ -3924,8 +3924,7 @@ class Parker(object):
     def run(self):
         while True:
             with self.lock:
-                if self.stopping:
-                    return
+                stopping = self.stopping
                 arriving, self.arriving = self.arriving, []
                 news, self.news = self.news, False
             for entry in arriving:
@@ -3945,6 +3944,8 @@ class Parker(object):
                 except Exception:
                     self.server.log.exception("%s parked request failed", self.server.name)
                     self.drop(entry)
+            if stopping:    # after a last round: what a stopping plugin made ready (a closed hub) is answered
+                return
             soonest = min([e.deadline for e in self.parked.values()] or [now + 60])
             for key, mask in self.selector.select(max(0.0, soonest - time.monotonic())):
                 if key.data is None:
