@@ -3002,8 +3002,10 @@ class TrackedHTTPServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         self.connections = {}  # thread -> the socket it serves
         self.connections_lock = threading.Lock()
+        self._wakeup, self._waker = socket.socketpair()     # close() wakes the listener through it
+        self._closing = False
         ThreadingHTTPServer.__init__(self, address, handler)
-        self.thread = Thread("%s-%d" % (self.name, self.port), self.serve_forever, (0.1,), getattr(self, "log", None))
+        self.thread = Thread("%s-%d" % (self.name, self.port), self._serve, (), getattr(self, "log", None))
 
     @property
     def port(self):
@@ -3020,6 +3022,20 @@ class TrackedHTTPServer(ThreadingHTTPServer):
     def start(self):
         self.thread.start()
         return self
+
+    def _serve(self, poll_interval=0.1):
+        """The listener thread: accept connections and call service_actions() every poll_interval until
+        close(), which (unlike socketserver's shutdown()) need not wait for the next poll."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self, selectors.EVENT_READ)
+            selector.register(self._wakeup, selectors.EVENT_READ)
+            while not self._closing:
+                ready = selector.select(poll_interval)
+                if self._closing:
+                    break
+                if any(key.fileobj is self for key, _ in ready):
+                    self._handle_request_noblock()
+                self.service_actions()
 
     def process_request(self, request, client_address):
         self.spawn(self.process_request_thread, request, client_address)
@@ -3048,10 +3064,16 @@ class TrackedHTTPServer(ThreadingHTTPServer):
         """Shut a connection's socket down and close it."""
         socketserver.TCPServer.shutdown_request(self, sock)
 
+    def server_close(self):
+        ThreadingHTTPServer.server_close(self)
+        self._wakeup.close()
+        self._waker.close()
+
     def close(self, timeout=5.0):
         """Stop accepting, cut every open connection and wait for the listener and connection threads."""
         if self.thread.is_alive():
-            self.shutdown()
+            self._closing = True
+            self._waker.send(b"\0")
             if self.thread is not threading.current_thread():
                 self.thread.join()
         self.server_close()
