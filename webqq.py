@@ -5014,7 +5014,7 @@ class Progress(object):
     def on_state(self, old, new):
         if new == "loading":
             self.log.info("正在连接QQ (connecting to QQ)...")
-        elif new == "updating":
+        elif new == "updating" and old != "running":     # from running: a relogin, told as such
             self.counts = {}
             self.log.info("正在加载联系人 (logged in, loading the contacts)...")
 
