@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from conftest import ROOT, wait_until
 
 LISTEN = [{"host": "127.0.0.1", "port": 0}]
@@ -51,6 +53,7 @@ class Conn(object):
         self.sock.close()
 
 
+@pytest.mark.slow
 def test_quick_benchmark_runs_every_item_and_prints_the_table():
     done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--quick"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=110, cwd=ROOT)

@@ -137,6 +137,7 @@ def get_json(url):
     return status, json.loads(body)
 
 
+@pytest.mark.slow
 def test_console_routes_follow_the_openqq_rules(sim, console):
     url = console.url
     for path in ("/console/", "/console/history?conversation=friend:1", "/console/conversations", "/console/status"):
@@ -219,6 +220,7 @@ def test_console_routes_follow_the_openqq_rules(sim, console):
 
 # -- the page in headless Chromium --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_login_view_shows_the_qr_code_the_state_and_what_to_do(sim, console, browser, tmp_path):
     console.start()
     assert sim.wait_qr("waiting")
@@ -252,6 +254,7 @@ def test_the_login_view_shows_the_qr_code_the_state_and_what_to_do(sim, console,
     assert page.errors == []
 
 
+@pytest.mark.slow
 def test_chat_with_a_friend_send_and_see_the_reply_and_unread_counts(sim, console, browser):
     log_in(sim, console)
     friend, other = sim.world.friends[0], sim.world.friends[1]
@@ -315,6 +318,7 @@ def test_chat_with_a_friend_send_and_see_the_reply_and_unread_counts(sim, consol
     assert page.errors == []
 
 
+@pytest.mark.slow
 def test_a_group_a_temporary_session_and_a_stream_cut_by_the_server_that_misses_nothing(sim, console, browser):
     log_in(sim, console)
     group = sim.world.groups[0]
@@ -363,6 +367,7 @@ def test_a_group_a_temporary_session_and_a_stream_cut_by_the_server_that_misses_
     assert page.errors == []
 
 
+@pytest.mark.slow
 def test_the_page_at_a_phones_width_with_the_filter(sim, console, browser):
     log_in(sim, console)
     friends = console.contacts.friends()
@@ -385,6 +390,7 @@ def test_the_page_at_a_phones_width_with_the_filter(sim, console, browser):
     assert page.errors == []
 
 
+@pytest.mark.slow
 def test_the_page_with_the_onebot_upstream(tmp_path, browser):
     sim = OneBotSimulator("spec", WORLD, access_token=ONEBOT_TOKEN, secret=SECRET).start()
     sim.set_online(False)

@@ -139,6 +139,7 @@ def in_process(tmp_path, reaper, **options):
 
 # -- the whole life of three accounts -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_three_accounts_proxy_restart_stop_and_adoption(tmp_path, sims, reaper, make_receiver):
     posts = make_receiver()
     flags = ["--check-interval", 0.1, "--restart-delay", 0.2, "--client-grace", 3,
@@ -263,6 +264,7 @@ def test_three_accounts_proxy_restart_stop_and_adoption(tmp_path, sims, reaper, 
 
 # -- ports and limits ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ten_concurrent_starts_get_ten_ports_and_max_clients_holds(tmp_path, reaper):
     worlds = [Simulator(world={"friends": 1, "groups": 0, "discusses": 0, "seed": i}, poll_hold=1.0)
               for i in range(10)]     # one QR code at a time per world: one world per account
@@ -318,6 +320,7 @@ def test_ten_concurrent_starts_get_ten_ports_and_max_clients_holds(tmp_path, rea
             sim.stop()
 
 
+@pytest.mark.slow
 def test_a_client_whose_port_was_taken_moves_to_another(tmp_path, reaper, monkeypatch):
     sim = Simulator(world={"friends": 1, "groups": 0, "discusses": 0, "seed": 6}, poll_hold=1.0)
     sim.start()
@@ -406,6 +409,7 @@ def test_refusals_are_json_with_a_code(tmp_path, reaper):
         Controller(listen=[{"host": "0.0.0.0", "port": 0}], tmpdir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_unreachable_client_self_stop_and_poll_api_redirect(tmp_path, reaper, make_receiver):
     sim = Simulator(world={"friends": 1, "groups": 0, "discusses": 0, "seed": 5}, poll_hold=1.0)
     sim.start()

@@ -172,6 +172,7 @@ def test_kick_stops_the_client(sim, running):
     assert running.exit_status == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", [dict(status=502, count=3), dict(status=504, count=3), dict(drop=True, count=2),
                                    dict(retcode=100012, count=2), dict(retcode=1202, count=1)])
 def test_poll_faults_do_not_stall_receiving(sim, running, fault):
@@ -211,6 +212,7 @@ def test_lost_session_leads_to_relogin(sim, running):
     assert running.recorder.wait("receive_message")[0].content == "after relogin"
 
 
+@pytest.mark.slow
 def test_unknown_poll_codes_relogin_after_the_limit(sim, running):
     sim.fault("/channel/poll2", retcode=99999, count=4)
     running.recorder.wait("relogin", timeout=15)

@@ -576,6 +576,7 @@ def matrix(request):
     return collections.namedtuple("Matrix", "outcomes left")(outcomes, left)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("scenario", MATRIX, ids=[sc.id for sc in MATRIX])
 def test_fault_matrix(matrix, scenario):
@@ -593,6 +594,7 @@ def test_fault_matrix(matrix, scenario):
         assert outcome.prober.answers["ok"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_matrix_leaves_no_thread_behind(matrix):
     assert matrix.left == []
@@ -670,6 +672,7 @@ def in_order(messages):
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120 + 3 * OUTAGE)
 def test_post_api_outage_delivers_every_report_once_in_order(outage):
     make, receiver, warnings = outage
@@ -697,6 +700,7 @@ def test_post_api_outage_delivers_every_report_once_in_order(outage):
     assert not [line for line in warnings.lines if "post_api" in line]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120 + 3 * OUTAGE)
 def test_post_api_outage_beyond_the_queue_bound_counts_and_names_each_drop(outage):
     make, receiver, warnings = outage

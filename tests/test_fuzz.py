@@ -472,6 +472,7 @@ class Capture(logging.Handler):
             self.broken.append(self.format(record))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_ten_thousand_hostile_requests(tmp_path, capfd):
     capture = Capture()

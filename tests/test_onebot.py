@@ -492,6 +492,7 @@ def test_unanswered_status_checks_count_as_offline(make_bridge):
     assert bridge.client.wait_for_state("running", timeout=5)
 
 
+@pytest.mark.slow
 def test_heartbeats_spare_status_calls(make_bridge):
     bridge = make_bridge("gocq", status_interval=1.0)
     calls = len(bridge.calls("get_status"))

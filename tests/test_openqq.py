@@ -781,6 +781,7 @@ def test_post_api_signature_and_retries(env, make_receiver):
     plugin.stop()
 
 
+@pytest.mark.slow
 def test_post_api_down_or_slow_never_blocks(env, make_receiver):
     dead_url = "http://127.0.0.1:%d/post" % free_port()
     slow = make_receiver(respond=lambda hit: Answer(200, b"late", delay=3))
@@ -932,6 +933,7 @@ def test_stop_client_stops_everything(sim, make_client, make_receiver):
         get(url, "get_client_info", timeout=2)
 
 
+@pytest.mark.slow
 def test_relogin_route(sim, make_client):
     client = make_client()
     plugin = load_openqq(client, stop_delay=0.1)

@@ -108,6 +108,7 @@ def call(env, method, path, params=None, headers=None, data=None, json_body=None
     return r
 
 
+@pytest.mark.slow
 def test_every_route_refuses_a_request_without_the_right_token(env):
     before = len(env.sim.sent)
     for path in ROUTE_PATHS:

@@ -325,6 +325,7 @@ def test_credentials_referer_and_cookies_are_checked(server, browser, session):
         server.configure(no_such_knob=1)
 
 
+@pytest.mark.slow
 def test_generated_world_is_fast_and_served_fast():
     started = time.time()
     world = World.generate(friends=2000, groups=200, members=200, discusses=20, seed=1)
