@@ -4955,6 +4955,8 @@ def should_pause(setting, stdin=None):
 HINTS = [
     ("the address is in use", "choose a free port in that listen setting ([openqq] listen, or --listen "
                               "127.0.0.1:5001; [onebot] listen), or stop the program that holds it"),
+    ("cannot listen on", "listen on an address of this machine (127.0.0.1; 0.0.0.0 for all of them), and on a port "
+                         "above 1023 unless webqq may take privileged ones"),
     ("OneBot拒绝了access_token", "set access_token in [onebot] to the token of NapCat's / LLOneBot's HTTP server"),
     ("another client of account", "close the other webqq first, or give this one another account name"),
     ("expired QR codes", "start webqq again and scan the QR code with the QQ app within two minutes"),

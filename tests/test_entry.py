@@ -224,7 +224,7 @@ def test_onebot_session(entry, tmp_path, launch, make_receiver):
 
 # -- starts that go wrong: each says why, on one line, without a traceback --------------------------
 
-def test_a_port_in_use_is_named_in_one_line_with_exit_status_2(entry, tmp_path, launch):
+def test_an_address_in_use_or_not_ours_is_named_in_one_line_with_exit_status_2(entry, tmp_path, launch):
     held = held_port()
     try:
         taken = held.getsockname()[1]
@@ -238,11 +238,19 @@ def test_a_port_in_use_is_named_in_one_line_with_exit_status_2(entry, tmp_path, 
         os.makedirs(str(tmp_path / "controller"))
         controller = launch("controller", "--listen", where, "--tmpdir", tmp_path / "controller", command=entry,
                             cwd=tmp_path / "controller")
+        elsewhere = "192.0.2.1:%d" % taken     # TEST-NET-1: no address of this machine (a bind sends nothing)
+        os.makedirs(str(tmp_path / "foreign"))
+        foreign = launch("--listen", elsewhere, "--access-token", "s3cret", "--tmpdir", tmp_path / "foreign",
+                         "--smartqq-base", refused_url(), command=entry, cwd=tmp_path / "foreign")
         for program, server in ((openqq, "openqq"), (onebot, "onebot-receiver"), (controller, "controller")):
             assert program.wait() == 2, program.log()
             lines = [line for line in program.log().splitlines() if where in line]
             assert lines and all("%s cannot listen on %s: the address is in use" % (server, where) in line
                                  for line in lines), program.log()
+        assert foreign.wait() == 2, foreign.log()
+        assert re.search(r"\[error\] openqq无法监听%s \(openqq cannot listen on %s: [^\n]+\)\n" % (
+            re.escape(elsewhere), re.escape(elsewhere)), foreign.log()), foreign.log()
+        assert "提示 (hint): listen on an address of this machine" in foreign.log()
     finally:
         held.close()
 
