@@ -107,6 +107,7 @@ def test_a_request_behind_a_waiting_long_poll_ends_the_wait_and_is_answered_next
     conn.close()
 
 
+@pytest.mark.slow
 def test_a_request_sent_together_with_a_long_poll_is_answered_after_it(sim, running):
     plugin = running.load("openqq", listen=LISTEN, check_event_timeout=1)
     conn = Conn(plugin.urls[0])

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import requests
 
 from conftest import ROOT, Receiver, free_port, wait_until
@@ -294,6 +295,7 @@ def check_urls(pages_, port):
 
 # -- the demo -----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_demo_answers_every_example_as_shown(tmp_path, launch):
     """python webqq.py --demo, and every curl example aimed at it: the README's, openqq.md's (stop_client
     last: it ends the demo), newcomers.md's; every URL of the API and console the pages name."""
@@ -318,6 +320,7 @@ def test_the_demo_answers_every_example_as_shown(tmp_path, launch):
 
 # -- the controller -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_controller_sessions_run_as_shown(tmp_path, launch):
     """The simulator and the controller as the README and controller.md start them, and each page's curl
     session in order (a client started, its QR code, sends, stopped), a reader of each page in a folder of
@@ -359,6 +362,7 @@ def test_the_controller_sessions_run_as_shown(tmp_path, launch):
 
 # -- the simulators ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_simulator_commands_and_its_http_api(tmp_path, launch):
     """Each smartqq_sim command of the pages starts and serves; the /sim/ examples answer (the world they
     save is the file the --world example loads)."""
@@ -384,6 +388,7 @@ def test_the_simulator_commands_and_its_http_api(tmp_path, launch):
         program.stop()
 
 
+@pytest.mark.slow
 def test_onebot_without_an_account_as_onebot_md_shows(tmp_path, launch):
     """onebot.md's way to try OneBot without an account: the simulator and webqq with docs/onebot-example.ini,
     a message said from the simulator's command line and one posted over its control API, both in
@@ -426,6 +431,7 @@ def test_onebot_without_an_account_as_onebot_md_shows(tmp_path, launch):
 
 # -- the command line --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_short_commands_exit_0(tmp_path):
     """--help, --init-config (to the folder and to standard output), --check-config, the controller's and the
     benchmark's --help, as the pages write them."""

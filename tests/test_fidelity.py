@@ -466,6 +466,7 @@ def test_a_relogin_reports_what_changed_meanwhile(fresh):
     assert [f["id"] for f in stack.get("get_friend_info").json()] == [FRIEND, GRACE]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fresh", ("smartqq",), indirect=True)
 def test_a_smartqq_relogin_reloads_without_comparing(fresh):
     """SmartQQ's ids live as long as a login: a friend who comes back with another id is no news."""

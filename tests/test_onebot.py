@@ -468,6 +468,7 @@ def test_wrong_token_or_account_stops_the_client(make_bridge, option):
 
 # -- liveness --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", ["spec", "napcat"])
 def test_offline_account_changes_state_and_comes_back(make_bridge, profile):
     bridge = make_bridge(profile, status_interval=0.2)
@@ -483,6 +484,7 @@ def test_offline_account_changes_state_and_comes_back(make_bridge, profile):
     assert bridge.get("get_user_info").json()["uid"] == ME
 
 
+@pytest.mark.slow
 def test_unanswered_status_checks_count_as_offline(make_bridge):
     bridge = make_bridge("gocq", status_interval=0.1, status_failures_max=1)
     bridge.sim.fault("get_status", http_status=502)

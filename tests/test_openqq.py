@@ -587,6 +587,7 @@ def hub_env(env):
     plugin.stop()
 
 
+@pytest.mark.slow
 def test_check_event_drains_everything_at_once(env, hub_env):
     texts = hub_env.inject(3)
     started = time.time()
@@ -601,6 +602,7 @@ def test_check_event_drains_everything_at_once(env, hub_env):
     assert get(hub_env.url, "check_event").json() == []
 
 
+@pytest.mark.slow
 def test_check_event_long_poll_and_timeout(hub_env):
     started = time.time()
     assert get(hub_env.url, "check_event").json() == []
@@ -660,6 +662,7 @@ def test_a_poller_that_hangs_up_takes_nothing(hub_env):
     assert [e["content"] for e in get(hub_env.url, "check_event").json()] == texts
 
 
+@pytest.mark.slow
 def test_cursor_mode_lets_every_consumer_see_every_event(hub_env):
     start = hub_env.plugin.hub.seq
     texts = hub_env.inject(3)
@@ -830,6 +833,7 @@ def test_post_api_queue_bound(env, make_receiver):
         hold.set()
 
 
+@pytest.mark.slow
 def test_post_api_events_and_stdout(sim, make_client, make_receiver, capfd):
     receiver, extra = make_receiver(), make_receiver()
     client = make_client(update_interval=0.5)

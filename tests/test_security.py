@@ -353,6 +353,7 @@ def test_a_cookie_file_another_user_planted_is_not_trusted(tmp_path, caplog):
 ###############################################################################
 
 
+@pytest.mark.slow
 def test_no_token_or_cookie_value_reaches_the_log_at_any_level(tmp_path, make_receiver):
     receiver, lines = make_receiver(), LogLines(formatter=webqq.LogFormatter())
     log = logging.getLogger("webqq")

@@ -382,6 +382,7 @@ def test_world_json_round_trip_and_lookups():
 # -- poll2 ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_poll_answers_103_until_online_buddies_was_called(server, browser):
     s = login(server, browser, online=False)
     assert poll(browser, s)["retcode"] == 103
