@@ -2360,6 +2360,13 @@ class Client(EventEmitter):
         """Wait seconds; False when the client began stopping meanwhile."""
         return not self._stop_event.wait(seconds)
 
+    def _wait_running(self):
+        """Block until the client runs (True) or begins stopping (False): a stop during a relogin,
+        whose states are neither running nor stop, ends the wait too."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.state == "running" or self.stopping)
+            return not self.stopping
+
     def wait_for_state(self, *states, **kwargs):
         """Block until the state is one of states (timeout= seconds); True if it is."""
         with self._cond:
@@ -2615,7 +2622,7 @@ class Client(EventEmitter):
         return group.members_loaded
 
     def _update_loop(self):
-        while self.wait_for_state("running", "stop") and not self.stopping:
+        while self._wait_running():
             try:
                 self._update()
             except Exception:       # a malformed answer: this round is lost, the next one comes
@@ -2664,7 +2671,7 @@ class Client(EventEmitter):
 
     def _poll_loop(self):
         failures = 0
-        while self.wait_for_state("running", "stop") and not self.stopping:
+        while self._wait_running():
             with self._cond:
                 session = self._session
             started = time.time()

@@ -2,6 +2,7 @@
 and a closed transport ends what would hold stop() up."""
 import logging
 import socket
+import time
 
 import pytest
 
@@ -48,3 +49,21 @@ def test_a_closed_http_refuses_new_requests_and_cuts_a_socket_opened_late(make_r
             late.sendall(b"GET / HTTP/1.1\r\n\r\n")
     finally:
         late.close()
+
+
+def test_a_stop_during_a_relogin_ends_every_thread_at_once(sim, make_client):
+    """webqq-poll and webqq-update wait for the state running; a stop while a relogin holds the state
+    elsewhere must end them too (they waited 15 s each: "thread webqq-poll did not stop")."""
+    client = log_in(sim, make_client())
+    sim.fault("/", delay=5)            # the relogin's first request hangs
+    client.relogin()
+    assert wait_until(lambda: any(r["path"] == "/" for r in list(sim.requests)[-20:]), 5)
+    errors = LogLines(logging.ERROR)
+    try:
+        started = time.monotonic()
+        client.stop()
+        stopped_in = time.monotonic() - started
+    finally:
+        errors.close()
+    assert not [line for line in errors.lines if "did not stop" in line]
+    assert stopped_in < 5, stopped_in
