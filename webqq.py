@@ -2701,14 +2701,27 @@ class Client(EventEmitter):
                 continue
             for item in items:
                 self._incoming.put(item)
-            if not items and time.time() - started < 0.5:
+            if items:
+                self._wait_dispatched()
+            elif time.time() - started < 0.5:
                 self.sleep(0.5)
+
+    def _wait_dispatched(self):
+        """Wait until the dispatch thread has handled what is queued (the plugins have kept it): only then
+        does the next poll tell an upstream that takes it as an acknowledgement that it was read."""
+        done = threading.Event()
+        self._incoming.put(done)
+        while not done.wait(0.2) and not self.stopping:
+            pass
 
     def _dispatch_loop(self):
         while True:
             item = self._incoming.get()
             if item is None:
                 break
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
             try:
                 self._dispatch(item)
             except Exception:
