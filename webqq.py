@@ -570,6 +570,24 @@ def is_loopback(host, resolve=False):
     return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
+def os_reason(error):
+    """The operating system's words (Connection refused) for an error, found among the errors it wraps;
+    else the words of the innermost one (Remote end closed connection without response)."""
+    seen, todo, said = set(), [error], None
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        inner = [getattr(e, "reason", None), e.__cause__, e.__context__] + list(e.args)
+        if not any(isinstance(i, BaseException) for i in inner) and str(e):
+            said = str(e)
+        todo += inner
+    return said
+
+
 class TransportError(Exception):
     """An upstream request that got no HTTP answer (refused, reset, timed out).
 
@@ -808,7 +826,9 @@ class Http(object):
             raise
         except Exception as e:  # requests / urllib / socket errors all mean "no answer"
             timed_out = isinstance(e, READ_TIMEOUTS) or isinstance(getattr(e, "reason", None), READ_TIMEOUTS)
-            raise TransportError("%s %s: %s" % (method, redact_url(url), e.__class__.__name__), timed_out)
+            reason = os_reason(e)
+            raise TransportError("%s %s: %s%s" % (method, redact_url(url), e.__class__.__name__,
+                                                   " (%s)" % reason if reason else ""), timed_out)
 
     def abort(self):
         """Break every request in progress (they raise TransportError); the Http stays usable."""
