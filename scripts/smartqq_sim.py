@@ -91,7 +91,14 @@ Knobs (keyword arguments, or sim.configure)
     rate_limit=None          [count, seconds]: a send beyond count in the window answers 1202
     lenient_font=False       accept sent content whose last element is not the font
     logout_revokes=False     logout also revokes supertoken (no pt4_auth resume afterwards)
+    poll_ack=False           a poll2 answer's events count as read only when the same session polls
+                             again; those of a session replaced by a new login2 go first to the next
+                             poll (a client killed with an answer unread loses nothing). Off, as
+                             Tencent did: events answered once are gone
     max_requests=1000        how many requests sim.requests keeps (read at construction)
+
+Events wait for the account between sessions: what arrives while no client polls (webqq stopped or
+killed) goes to the next session's first poll2.
 
 World schema (``--world FILE``, ``Simulator(world=dict)``, ``GET /sim/world``)
 -----------------------------------------------------------------------------
@@ -190,7 +197,7 @@ KNOBS = {
     "require_referer": True, "check_cookies": True, "check_ptwebqq": True,
     "require_online_buddies": True, "auth_retcode": 103, "session_ttl": None, "idle": "json",
     "echo_group": False, "send_retcode": None, "rate_limit": None, "lenient_font": False,
-    "logout_revokes": False, "max_requests": 1000,
+    "logout_revokes": False, "poll_ack": False, "max_requests": 1000,
 }
 IDLE_ANSWERS = {"json": {"retcode": 0, "retmsg": "ok", "errmsg": "error"},
                 "error": {"errmsg": "error!!!", "retcode": 0},
@@ -1090,6 +1097,7 @@ class Session(object):
         self.registered = False
         self.valid = True
         self.created = time.time()
+        self.unread = []            # the events of the last poll2 answer, until the next poll2 (poll_ack)
 
     @staticmethod
     def new_psessionid():
@@ -1375,6 +1383,8 @@ class ContactRoutes(object):
         else:
             if session is not None:
                 session.valid = False
+                self._events.extendleft(reversed(session.unread))     # poll_ack: never read, so not lost
+                session.unread = []
             session = Session(auth, status)
             self.sessions.append(session)
             self.logins += 1
@@ -1579,6 +1589,7 @@ class ChannelRoutes(object):
             return error
         if self.knobs["require_online_buddies"] and not session.registered:
             return retcode(103)
+        session.unread = []                 # this poll says the last answer was read
         deadline = time.time() + self.poll_hold
         while not self._events and session.valid and not self._stopping.is_set():
             remaining = deadline - time.time()
@@ -1590,6 +1601,8 @@ class ChannelRoutes(object):
         if self._events:
             events = list(self._events)
             self._events.clear()
+            if self.knobs["poll_ack"]:
+                session.unread = events
             if any(e.get("poll_type") == "kick_message" for e in events):
                 session.valid = False
             return Response.json({"result": events, "retcode": 0})
