@@ -200,6 +200,7 @@ class Receiver(object):
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True      # the body written after the head goes out at once, not 40 ms later
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
