@@ -92,8 +92,8 @@ __all__ = [
     "OptionError", "read_options", "one_of", "check_url", "check_listen", "check_port", "check_log_level",
     "ArgumentParser",
     # helpers
-    "Thread", "json_dumps", "to_int", "to_bool", "to_list", "is_loopback", "atomic_write", "remove_file", "read_pid",
-    "pid_alive", "save_file", "configure_logging", "read_config", "ENV_PREFIX", "main",
+    "Thread", "json_dumps", "to_int", "to_bool", "to_list", "is_loopback", "redact_url", "atomic_write",
+    "remove_file", "read_pid", "pid_alive", "save_file", "configure_logging", "read_config", "ENV_PREFIX", "main",
 ]
 
 ###############################################################################

@@ -8,30 +8,40 @@ Every route of the original answers with the original's JSON (key sets, types, c
 strings); docs/openqq.md lists the options, the routes and where we deliberately differ.
 
  1. Constants     options and their defaults, which parameters are whose
- 2. Event hub     check_event: bounded queue drained whole, long-poll, cursor mode
- 3. Reporter      post_api: worker threads, bounded queue, retries, signature, reply/shutup
- 4. Routes        Api: the Openqq routes against the Client contract
- 5. Plugin        Openqq (the object call() returns) and call(client, **options)
+ 2. Store         the post_api outbox and the check_event history in an SQLite file (or memory)
+ 3. Event hub     check_event: bounded queue drained whole, long-poll, cursor mode
+ 4. Reporter      post_api: worker threads, bounded queue, retries, signature, reply/shutup
+ 5. Routes        Api: the Openqq routes against the Client contract
+ 6. Plugin        Openqq (the object call() returns) and call(client, **options)
 
 The HTTP machinery (servers, requests, the guard, parked long-polls, poll_api) is webqq.py's
 section "HTTP API", shared with the console, the controller and OneBot's event receiver.
 """
 
 import base64
+import bisect
 import collections
 import hashlib
 import hmac
 import itertools
 import json
+import os
 import re
+import stat
 import sys
 import threading
 import time
+from urllib.request import pathname2url
+
+try:
+    import sqlite3
+except ImportError:         # a Python built without it: memory only, said once
+    sqlite3 = None
 
 import webqq
-from webqq import (NOT_FOUND, NOT_RUNNING, OWN_AGENT, ApiError, ApiServer, Guard, Http, Poller, Response,
+from webqq import (NOT_FOUND, NOT_RUNNING, OWN_AGENT, ApiError, ApiServer, Guard, Http, Message, Poller, Response,
                    TransportError, bad_request, check_listen, check_protected, check_url, json_dumps, listen_entries,
-                   points_into, serve, to_bool, to_int, to_list)
+                   one_of, points_into, redact_url, serve, to_bool, to_int, to_list)
 
 ###############################################################################
 # 1. Constants
@@ -64,14 +74,22 @@ OPTIONS = collections.OrderedDict([
     ("post_stdout", (False, "also print every report as one JSON line on standard output")),
     ("post_secret", (None, "sign reports: X-Signature: sha1=<HMAC-SHA1 of the body with this key>")),
     ("post_timeout", (5, "seconds to wait for one post_api answer")),
-    ("post_retries", (6, "retries of a report after a connection error or HTTP 502/503/504")),
-    ("post_retry_backoff", (1.0, "first retry delay in seconds; it doubles each time")),
-    ("post_queue_size", (1000, "reports waiting for delivery at most (the oldest is dropped beyond)")),
+    ("post_retries", (None, "retries of a report after a connection error or HTTP 502/503/504 (default: until it "
+                            "is delivered or older than post_max_age)")),
+    ("post_retry_backoff", (1.0, "first retry delay in seconds; it doubles each time, up to 30")),
+    ("post_queue_size", (10000, "reports waiting for delivery at most (the oldest is dropped beyond, logged and "
+                                "counted)")),
+    ("post_max_age", (86400, "seconds a report may wait for delivery; older ones are dropped (logged and counted)")),
     ("post_workers", (4, "delivery threads")),
     ("post_media_data", (True, "accepted and ignored, as in the original")),
     ("check_event_list_max_size", (20, "events check_event keeps (the oldest is dropped beyond)")),
     ("check_event_timeout", (30, "seconds a check_event long poll waits before answering []")),
     ("check_event_history_size", (1000, "events kept for cursor readers")),
+    ("check_event_history_age", (86400, "seconds an event is kept for cursor readers across a restart")),
+    ("store", ("sqlite", "sqlite: keep undelivered reports and the cursor history in a file, across crashes and "
+                         "restarts; memory: only in memory", one_of("sqlite", "memory"))),
+    ("store_path", (None, "the store file (default: tmpdir/mojo_webqq_store_<account>.sqlite3)")),
+    ("store_fsync", (False, "make each report reach the disk before it counts (survives a power cut; slower)")),
     ("poll_api", (None, "URL to GET forever while the client runs (reverse calls)", check_url)),
     ("poll_interval", (5, "seconds between two poll_api requests")),
     ("poll_timeout", (120, "seconds to wait for one poll_api answer")),
@@ -104,12 +122,277 @@ def perl_true(value):
 
 
 ###############################################################################
-# 2. Event hub
+# 2. Store
+###############################################################################
+
+STORE_VERSION = 1
+STORE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL,
+                                   lane TEXT NOT NULL, post_type TEXT NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS history (seq INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL,
+                                    key TEXT, body BLOB NOT NULL);
+"""
+STORE_TRIM_EVERY = 100          # history rows added between two trims of the file's history
+OPEN_STORES = set()             # the store files this process holds, under OPEN_STORES_LOCK
+OPEN_STORES_LOCK = threading.Lock()
+
+
+def store_trouble(error):
+    """What an SQLite or OS error means for a store file, in a user's words."""
+    text = str(error)
+    lowered = text.lower()
+    if "locked" in lowered or "busy" in lowered:
+        return "locked by another program (%s), perhaps another webqq of this account" % text
+    if "readonly" in lowered or "read-only" in lowered:
+        return "read-only (%s)" % text
+    if "full" in lowered or getattr(error, "errno", None) == 28:
+        return "the disk is full (%s)" % text
+    if "i/o error" in lowered:
+        return "the disk refused a write (%s): it may be full or failing" % text
+    if "not a database" in lowered or "malformed" in lowered or "damaged" in lowered:
+        return "damaged (%s): move it away or delete it, and webqq starts a new one" % text
+    return text
+
+
+class Store(object):
+    """What outlives the process: the post_api outbox and the check_event history, numbered, in an
+    SQLite file (WAL), or in memory only (path None, or after a failure).
+
+    One connection, made with check_same_thread=False and used only under self.lock by whichever
+    thread calls: the thread that emits an event adds it, the post_api workers remove what was
+    answered. The connection holds the file's lock from open to close (locking_mode EXCLUSIVE, no
+    shared memory: the same on Windows), so a second process of the account finds it locked. Any
+    error: one message, then memory only (durable False, failures counted).
+
+    Numbers (history seqs, report ids) go up across restarts: each run goes on from the larger of
+    the file's last number and the time in milliseconds, so neither a cursor nor a report id of an
+    earlier run, even one whose file is gone, is ever given to another event.
+    """
+
+    def __init__(self, path, log, fsync=False, key_limit=1000):
+        self.path = os.path.abspath(path) if path else None
+        self.log = log
+        self.lock = threading.Lock()
+        self.db = None
+        self.failures = 0
+        self.keys = collections.OrderedDict()     # keys of the latest received messages: see add()
+        self.key_limit = max(1, key_limit)
+        self.added = 0
+        self.history_size = self.history_age = None
+        last_seq = last_report = 0
+        if self.path is not None:
+            last_seq, last_report = self._open(fsync)
+        base = int(time.time() * 1000)
+        self.last_seq, self.last_report = max(last_seq, base), max(last_report, base)
+
+    @property
+    def durable(self):
+        return self.db is not None
+
+    def _open(self, fsync):
+        """Open the file (created with mode 0600): its last history seq and report id; (0, 0) and memory
+        only when it can't be used."""
+        if sqlite3 is None:
+            self._unusable("this Python has no sqlite3 module")
+            return 0, 0
+        with OPEN_STORES_LOCK:
+            if self.path in OPEN_STORES:
+                self._unusable("another openqq plugin of this process uses it")
+                return 0, 0
+            OPEN_STORES.add(self.path)
+        try:
+            db = self._connect()
+        except (OSError, sqlite3.Error) as e:
+            self._release()
+            self._unusable(store_trouble(e))
+            return 0, 0
+        try:
+            db.execute("PRAGMA synchronous=%s" % ("FULL" if fsync else "NORMAL"))
+            db.execute("PRAGMA journal_size_limit=1048576")
+            last = dict(db.execute("SELECT name, seq FROM sqlite_sequence"))
+        except sqlite3.Error as e:
+            db.close()
+            self._release()
+            self._unusable(store_trouble(e))
+            return 0, 0
+        self.db = db
+        return last.get("history", 0), last.get("outbox", 0)
+
+    def _connect(self):
+        """A checked connection to the file: WAL, the schema, our version; raises what went wrong."""
+        if not os.path.exists(self.path):
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        mode = os.stat(self.path).st_mode
+        if os.name != "nt" and mode & 0o077:
+            os.chmod(self.path, 0o600)
+        # A file its owner made read-only is not written, even by root, who could.
+        access = "rw" if mode & stat.S_IWUSR else "ro"
+        db = sqlite3.connect("file:%s?mode=%s" % (pathname2url(self.path), access), uri=True, timeout=1.0,
+                             isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            # Small pages for rows of half a kilobyte: a third of the bytes written per report of 4 kB pages.
+            db.execute("PRAGMA page_size=1024")
+            journal = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if access == "ro":
+                raise sqlite3.OperationalError("attempt to write a readonly database")
+            if str(journal).lower() != "wal":
+                raise sqlite3.OperationalError("cannot use a write-ahead log (journal mode %s)" % journal)
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError("damaged: %s" % check)
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > STORE_VERSION:
+                raise sqlite3.DatabaseError("made by a newer webqq (version %d)" % version)
+            db.executescript(STORE_SCHEMA)
+            db.execute("PRAGMA user_version=%d" % STORE_VERSION)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _release(self):
+        with OPEN_STORES_LOCK:
+            OPEN_STORES.discard(self.path)
+
+    def _unusable(self, why):
+        self.failures += 1
+        self.log.error("store %s cannot be used: %s. Reports and the check_event history are kept in memory "
+                       "only: what is not delivered when webqq stops is lost", self.path, why)
+
+    def _failed(self, error):
+        """A write failed: say it once, close the file, go on in memory."""
+        self.failures += 1
+        self.log.error("store %s failed: %s. From now on reports and the check_event history are kept in memory "
+                       "only: what is not delivered when webqq stops is lost", self.path, store_trouble(error))
+        self._close_db()
+
+    def _close_db(self):
+        db, self.db = self.db, None
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+            self._release()
+
+    def _run(self, statements):
+        """Run [(sql, args)] in one transaction, unless memory only; a failure ends the file's use."""
+        if self.db is None:
+            return
+        try:
+            if len(statements) > 1:
+                self.db.execute("BEGIN")
+            for sql, args in statements:
+                self.db.execute(sql, args)
+            if len(statements) > 1:
+                self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self.db.in_transaction:
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            self._failed(e)
+
+    # -- what the plugin calls ---------------------------------------------------------
+
+    def add(self, body, history=False, lane=None, post_type=None, key=None):
+        """Number one accepted event and keep it: (history seq, report id), each None when not asked for
+        (history: for check_event; lane: a post_api report of that conversation). None when key names a
+        received message among the latest ones: an upstream delivering it again after a restart."""
+        with self.lock:
+            if key is not None:
+                if key in self.keys:
+                    return None
+                self.keys[key] = True
+                if len(self.keys) > self.key_limit:
+                    self.keys.popitem(last=False)
+            now = time.time()
+            seq = report = None
+            statements = []
+            if history:
+                self.last_seq = seq = self.last_seq + 1
+                statements.append(("INSERT INTO history (seq, created, key, body) VALUES (?, ?, ?, ?)",
+                                   (seq, now, key, body)))
+            if lane is not None:
+                self.last_report = report = self.last_report + 1
+                statements.append(("INSERT INTO outbox (id, created, lane, post_type, body) VALUES (?, ?, ?, ?, ?)",
+                                   (report, now, lane, post_type, body)))
+            self._run(statements)
+            if history and self.history_size is not None:
+                self.added += 1
+                if self.added % STORE_TRIM_EVERY == 0:
+                    self._trim_history()
+            return seq, report
+
+    def remove(self, *report_ids):
+        """Forget reports: answered, dropped or expired."""
+        with self.lock:
+            self._run([("DELETE FROM outbox WHERE id = ?", (report_id,)) for report_id in report_ids])
+
+    def outbox(self):
+        """Every report kept, oldest first: (id, created, lane, post_type, body)."""
+        with self.lock:
+            return self._rows("SELECT id, created, lane, post_type, body FROM outbox ORDER BY id")
+
+    def history(self, size, age):
+        """The newest `size` history events of the last `age` seconds, oldest first: (seq, created, key, body);
+        they bound the file's history from now on."""
+        with self.lock:
+            self.history_size, self.history_age = size, age
+            self._trim_history()
+            rows = self._rows("SELECT seq, created, key, body FROM history ORDER BY seq DESC LIMIT ?", (size,))
+            rows.reverse()
+            for row in rows[-self.key_limit:]:
+                if row[2] is not None:
+                    self.keys[row[2]] = True
+            return rows
+
+    def _rows(self, sql, args=()):
+        if self.db is None:
+            return []
+        try:
+            return self.db.execute(sql, args).fetchall()
+        except sqlite3.Error as e:
+            self._failed(e)
+            return []
+
+    def _trim_history(self):
+        self._run([("DELETE FROM history WHERE created < ? OR seq <= "
+                    "(SELECT seq FROM history ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                    (time.time() - self.history_age, self.history_size))])
+
+    def close(self):
+        with self.lock:
+            self._close_db()
+
+
+###############################################################################
+# 3. Event hub
 ###############################################################################
 
 
+class SeqView(object):
+    """The numbers of a history of (seq, item) pairs, for bisect."""
+
+    __slots__ = ("history",)
+
+    def __init__(self, history):
+        self.history = history
+
+    def __len__(self):
+        return len(self.history)
+
+    def __getitem__(self, index):
+        return self.history[index][0]
+
+
 class EventHub(object):
-    """check_event's queue, bounded and drained whole, plus a numbered history for cursor readers."""
+    """check_event's queue, bounded and drained whole, plus a numbered history for cursor readers.
+
+    The numbers go up and are unique across restarts (the Store gives them), with a gap where a run
+    begins; seq is the newest one given."""
 
     def __init__(self, max_size, history_size):
         self.max_size = max_size
@@ -117,13 +400,25 @@ class EventHub(object):
         self.queue = collections.deque()
         self.history = collections.deque(maxlen=max(history_size, max_size))
         self.seq = 0
+        self.jump = None            # (the last number before this run's, its first): no event between
         self.dropped = 0
         self.closed = False
         self.listeners = []         # called after every change (the parkers' wake-ups)
 
-    def put(self, item):
+    def restore(self, pairs):
+        """Begin with the history an earlier run kept: (seq, item) pairs, oldest first."""
         with self.cond:
-            self.seq += 1
+            self.history.extend(pairs)
+            if self.history:
+                self.seq = self.history[-1][0]
+
+    def put(self, item, seq=None):
+        """Queue item, numbered seq (default: the next number)."""
+        with self.cond:
+            seq = self.seq + 1 if seq is None else seq
+            if seq != self.seq + 1:
+                self.jump = (self.seq, seq)     # where this run's numbers begin
+            self.seq = seq
             self.history.append((self.seq, item))
             self.queue.append(item)
             self._trim()
@@ -143,8 +438,16 @@ class EventHub(object):
                 return bool(self.queue)
             return self.seq > self._start(cursor)
 
+    def successor(self, cursor):
+        """The number of the event that follows cursor when none was lost in between: cursor + 1, or
+        this run's first number for the last one before it (the restored history's last, or 0)."""
+        with self.cond:
+            return self.jump[1] if self.jump is not None and cursor == self.jump[0] else cursor + 1
+
     def _start(self, cursor):
-        """Where a read from cursor begins: a cursor ahead of us (a restarted client) starts over."""
+        """Where a read from cursor begins. A cursor ahead of every number given (made up, or from a
+        clock set back) starts over; one of an earlier run is below this run's numbers, so it gets
+        every event kept after it."""
         return cursor if cursor <= self.seq else 0
 
     def _trim(self):
@@ -186,8 +489,8 @@ class EventHub(object):
                 if self.closed or left <= 0 or not alive():
                     return []
                 self.cond.wait(left)
-            fresh = min(self.seq - cursor, len(self.history))     # the history's seqs are consecutive
-            return list(itertools.islice(self.history, len(self.history) - fresh, None))
+            start = bisect.bisect_right(SeqView(self.history), cursor)
+            return list(itertools.islice(self.history, start, None))
 
     def close(self):
         """Wake every waiting poller; they answer at once from now on."""
@@ -197,64 +500,170 @@ class EventHub(object):
 
 
 ###############################################################################
-# 3. Reporter
+# 4. Reporter
 ###############################################################################
 
-Report = collections.namedtuple("Report", "body post_type msg")
+REPORT_ID_HEADER = "X-Webqq-Report-Id"
+RETRY_DELAY_MAX = 30            # seconds: the longest wait between two attempts of a report
+SUMMARY_EVERY = 60.0            # seconds between two log lines of a post_api outage
+NAMED_AT_MOST = 10              # reports a log line names one by one
+
+Report = collections.namedtuple("Report", "id body post_type msg created lane")
+Report.__doc__ = """One post_api report: its stable id, JSON body and post_type, its Message (None for an
+event, or a report kept across a restart), when it was accepted (time.time()), its conversation."""
+
+
+def lane_of(payload):
+    """A report's conversation: the reports of one are delivered in order, by one worker."""
+    if payload.get("post_type") not in ("receive_message", "send_message"):
+        return "event"
+    other = payload.get("sender_id") if payload.get("class") == "recv" else payload.get("receiver_id")
+    return str(payload.get("group_id") or payload.get("discuss_id") or other)
 
 
 def describe(report):
     """A report as log lines name it: its post_type and message id, or "event" and the event."""
     if report.msg is not None:
         return "%s %s" % (report.post_type, report.msg.id)
-    return "event %s" % json.loads(report.body.decode("utf-8")).get("event")
+    data = json.loads(report.body.decode("utf-8"))
+    if report.post_type in ("receive_message", "send_message"):
+        return "%s %s" % (report.post_type, data.get("id"))
+    return "event %s" % data.get("event")
+
+
+def describe_all(reports):
+    """The first NAMED_AT_MOST reports named, and how many more."""
+    names = ", ".join(describe(r) for r in reports[:NAMED_AT_MOST])
+    return names + (" and %d more" % (len(reports) - NAMED_AT_MOST) if len(reports) > NAMED_AT_MOST else "")
+
+
+def restored_message(contacts, data):
+    """The Message of a report kept across a restart, found again among the contacts by id, for a
+    reply or a shutup; None when its conversation is gone."""
+    kind, cls = data.get("type"), data.get("class")
+    group, discuss = contacts.group(data.get("group_id")), contacts.discuss(data.get("discuss_id"))
+    other_id = data.get("sender_id") if cls == "recv" else data.get("receiver_id")
+    if kind == "friend_message":
+        other = contacts.friend(other_id)
+    elif group is not None or discuss is not None:
+        search = contacts.search_group_member if group is not None else contacts.search_discuss_member
+        other = next(iter(search(group or discuss, id=other_id)), None) if other_id is not None else None
+    else:
+        return None
+    if other is None and kind in ("friend_message", "sess_message"):
+        return None
+    return Message(id=data.get("id"), type=kind, cls=cls, group=group, discuss=discuss,
+                   sender=other if cls == "recv" else None, receiver=other if cls == "send" else None)
+
+
+def seconds_text(seconds):
+    """A duration as a log line says it: 45 s, 12 min, 3 h."""
+    if seconds < 120:
+        return "%d s" % seconds
+    if seconds < 7200:
+        return "%d min" % (seconds // 60)
+    return "%d h" % (seconds // 3600)
+
+
+class Outage(object):
+    """post_api failures as the log tells them: the first one at once with the retry plan, then a
+    summary at most once every `every` seconds, and the recovery."""
+
+    def __init__(self, log, url, every=SUMMARY_EVERY):
+        self.log, self.url, self.every = log, redact_url(url), every
+        self.lock = threading.Lock()
+        self.since = None           # time.monotonic() of the first failure, None while all is well
+        self.said = 0.0             # when the last line was logged
+        self.failures = self.given_up = 0       # since the last line
+        self.total = 0                          # since the first failure
+
+    def failed(self, error, plan, waiting, given_up=False):
+        """One attempt failed with error; plan says what happens to its report."""
+        with self.lock:
+            now = time.monotonic()
+            self.total += 1
+            if self.since is None:
+                self.since, self.said = now, now
+                self.log.warning("post_api failed: %s; %s", error, plan)
+                return
+            self.failures += 1
+            self.given_up += given_up
+            if now - self.said >= self.every:
+                self.log.warning("post_api still failing after %s: %d attempt(s) failed in the last %s (last: %s), "
+                                 "%d report(s) given up; %d report(s) waiting", seconds_text(now - self.since),
+                                 self.failures, seconds_text(now - self.said), error, self.given_up, waiting)
+                self.said, self.failures, self.given_up = now, 0, 0
+
+    def recovered(self, waiting):
+        """An attempt was answered with 2xx."""
+        if self.since is None:
+            return
+        with self.lock:
+            if self.since is not None:
+                self.log.info("post_api %s answers again after %s: %d attempt(s) had failed; %d report(s) waiting",
+                              self.url, seconds_text(time.monotonic() - self.since), self.total, waiting)
+                self.since, self.total, self.failures, self.given_up = None, 0, 0, 0
 
 
 class Reporter(object):
-    """post_api delivery: a queue per worker keyed by conversation, retries, signature, counters."""
+    """post_api delivery: a queue per worker keyed by conversation, retries, signature, counters.
 
-    def __init__(self, client, log, url, opts):
+    Every queued report is in the store too (when it is durable) until the receiver answers it, it is
+    dropped or it expires; whatever is queued at stop stays there for the next start."""
+
+    def __init__(self, client, log, url, opts, store):
         self.client = client
         self.log = log
         self.url = url
+        self.store = store
         self.secret = opts["post_secret"].encode("utf-8") if opts["post_secret"] else None
         self.timeout = opts["post_timeout"]
         self.retries = opts["post_retries"]
         self.backoff = opts["post_retry_backoff"]
         self.capacity = opts["post_queue_size"]
+        self.max_age = opts["post_max_age"]
         self.http = Http(log=log, user_agent=OWN_AGENT)
+        self.outage = Outage(log, url)
         self.lock = threading.Lock()
         self.queues = [collections.deque() for _ in range(opts["post_workers"])]
         self.conds = [threading.Condition(self.lock) for _ in self.queues]
         self.pending = 0
         self.stopping = threading.Event()
         self.deadline = None
-        self.counts = {"sent": 0, "retried": 0, "dropped": 0, "failed": 0}
+        self.counts = {"sent": 0, "retried": 0, "dropped": 0, "failed": 0, "expired": 0}
         self.threads = [client.thread("openqq-post-%d" % i, self._work, i) for i in range(len(self.queues))]
+
+    def restore(self, rows):
+        """Queue the reports an earlier run left in the store, (id, created, lane, post_type, body) oldest
+        first, before any new one (before start())."""
+        for report_id, created, lane, post_type, body in rows:
+            self.submit(Report(report_id, body, post_type, None, created, lane))
+        if rows:
+            self.log.info("post_api: %d undelivered report(s) of an earlier run go out first", len(rows))
 
     def start(self):
         for t in self.threads:
             t.start()
 
-    def submit(self, payload, msg=None):
+    def submit(self, report):
         """Queue one report; the oldest waiting report makes room when the queue is full."""
-        key = payload.get("group_id") or payload.get("discuss_id") or (
-            payload.get("sender_id") if payload.get("class") == "recv" else payload.get("receiver_id"))
-        index = hash(str(key if msg is not None else "event")) % len(self.queues)
-        report = Report(json_dumps(payload).encode("utf-8"), payload["post_type"], msg)
+        index = hash(report.lane) % len(self.queues)
         with self.lock:
             if self.stopping.is_set():
-                self.counts["dropped"] += 1
+                if not self.store.durable:
+                    self.counts["dropped"] += 1
                 return
+            lost = None
             if self.pending >= self.capacity:
-                longest = max(self.queues, key=len)
-                lost = longest.popleft()
+                lost = max(self.queues, key=len).popleft()
                 self.pending -= 1
                 self.counts["dropped"] += 1
-                self.log.warning("post_api queue full (%d): dropped report %s", self.capacity, describe(lost))
             self.queues[index].append(report)
             self.pending += 1
             self.conds[index].notify()
+        if lost is not None:
+            self.store.remove(lost.id)
+            self.log.warning("post_api queue full (%d): dropped report %s", self.capacity, describe(lost))
 
     def counters(self):
         with self.lock:
@@ -267,22 +676,37 @@ class Reporter(object):
                 while not queue and not self.stopping.is_set():
                     cond.wait()
                 if not queue or (self.deadline and time.monotonic() > self.deadline):
-                    if queue:
-                        self.log.warning("post_api stopped: dropped %d queued report(s): %s", len(queue),
-                                         ", ".join(describe(r) for r in queue))
-                    self.counts["dropped"] += len(queue)
-                    self.pending -= len(queue)
-                    queue.clear()
-                    return
+                    return              # stop() tells what becomes of the rest
                 report = queue.popleft()
                 self.pending -= 1
+                expired = []
+                oldest = time.time() - self.max_age
+                while report is not None and report.created < oldest:
+                    expired.append(report)
+                    report = queue.popleft() if queue else None
+                    self.pending -= report is not None
+                self.counts["expired"] += len(expired)
+            if expired:
+                self.store.remove(*(r.id for r in expired))
+                self.log.warning("post_api: %d report(s) older than post_max_age (%s) dropped undelivered: %s",
+                                 len(expired), seconds_text(self.max_age), describe_all(expired))
+            if report is None:
+                continue
             try:
-                self._deliver(report)
+                done = self._deliver(report)
             except Exception:
                 self.log.exception("post_api report failed")
+                done = True
+            if not done:
+                with self.lock:
+                    queue.appendleft(report)
+                    self.pending += 1
+                return
 
     def _deliver(self, report):
-        headers = {"Content-Type": "application/json"}
+        """POST report until it is answered or given up: True; False when the plugin stops while the
+        receiver can't be reached (the report stays queued)."""
+        headers = {"Content-Type": "application/json", REPORT_ID_HEADER: str(report.id)}
         if self.secret is not None:
             headers["X-Signature"] = "sha1=" + hmac.new(self.secret, report.body, hashlib.sha1).hexdigest()
         attempt = 0
@@ -290,32 +714,56 @@ class Reporter(object):
             try:
                 res = self.http.request("POST", self.url, data=report.body, headers=headers,
                                         timeout=self.timeout, follow=False)
-                status, error, again = res.status, "HTTP %d" % res.status, res.status in (502, 503, 504)
+                status, again = res.status, res.status in (502, 503, 504)
+                error = "POST %s: HTTP %d" % (self.outage.url, status)
             except TransportError as e:
                 status, error, again = None, str(e), not e.timed_out
             if status is not None and 200 <= status < 300:
+                self.store.remove(report.id)
                 with self.lock:
                     self.counts["sent"] += 1
+                self.outage.recovered(self.pending)
                 self._use_answer(report, res.headers.get("content-type", ""), res.body)
-                return
-            if not again or attempt >= self.retries or self.stopping.is_set():
+                return True
+            if again and self.stopping.is_set():
+                return False
+            if again and time.time() - report.created > self.max_age:
+                self.store.remove(report.id)
+                with self.lock:
+                    self.counts["expired"] += 1
+                self.log.warning("post_api: report %s older than post_max_age (%s) dropped undelivered (%s)",
+                                 describe(report), seconds_text(self.max_age), error)
+                return True
+            if not again or (self.retries is not None and attempt >= self.retries):
+                self.store.remove(report.id)
                 with self.lock:
                     self.counts["failed"] += 1
-                self.log.warning("post_api report %s failed: %s", report.post_type, error)
-                return
-            delay = min(self.backoff * 2 ** attempt, 30)
+                self.outage.failed(error, self._given_up(report, status, again, attempt), self.pending, given_up=True)
+                return True
+            delay = min(self.backoff * 2 ** min(attempt, 16), RETRY_DELAY_MAX)
             attempt += 1
             with self.lock:
                 self.counts["retried"] += 1
-            self.log.debug("post_api %s, retry %d in %.1fs", error, attempt, delay)
+            self.outage.failed(error, "report %s is retried in %g s, then after delays doubling up to %d s, %s" % (
+                describe(report), delay, RETRY_DELAY_MAX,
+                "until it is answered or older than post_max_age (%s)" % seconds_text(self.max_age)
+                if self.retries is None else "%d time(s) at most" % self.retries), self.pending)
+            self.log.debug("post_api %s, retry %d of report %s in %g s", error, attempt, report.id, delay)
             if self.stopping.wait(delay):
-                with self.lock:
-                    self.counts["failed"] += 1
-                return
+                return False
+
+    def _given_up(self, report, status, again, attempt):
+        """Why a report is not tried again, for the log."""
+        if again:
+            return "report %s given up after %d retries (post_retries)" % (describe(report), attempt)
+        if status is None:
+            return "report %s given up: a timeout is not retried (the receiver may have acted on it)" % describe(report)
+        return "report %s given up: HTTP %d is an answer, not retried" % (describe(report), status)
 
     def _use_answer(self, report, content_type, body):
         """A 2xx JSON answer to a message report: reply to it, shut the group sender up."""
-        if report.msg is None or not re.search("text/json|application/json", content_type, re.I):
+        if report.post_type not in ("receive_message", "send_message") \
+                or not re.search("text/json|application/json", content_type, re.I):
             return
         try:
             answer = json.loads(body.decode("utf-8"))
@@ -324,23 +772,39 @@ class Reporter(object):
             return
         if not isinstance(answer, dict):
             return
-        msg, reply = report.msg, answer.get("reply")
+        reply = answer.get("reply")
         if report.post_type == "send_message" and answer.get("format", "text") != "text":
             return
         if isinstance(reply, (int, float)) and not isinstance(reply, bool):
             reply = str(reply)
+        shutup = report.post_type == "receive_message" and _number(answer.get("shutup")) == 1
+        if reply is None and not shutup:
+            return
+        msg = report.msg or self._restored(report)
+        if msg is None:
+            if not self.stopping.is_set():
+                self.log.warning("post_api answer to report %s ignored: its conversation is gone", describe(report))
+            return
         if reply == "" or (reply is not None and not isinstance(reply, str)):
             self.log.warning("post_api reply must be non-empty text; ignored")
         elif reply is not None:
             self.client.reply_message(msg, reply)
-        if report.post_type == "receive_message" and msg.type == "group_message" \
-                and _number(answer.get("shutup")) == 1:
+        if shutup and msg.type == "group_message":
             seconds = int(_number(answer.get("shutup_time")) or 60)
             if not self.client.shutup_group_member(msg.group, [msg.sender], seconds):
                 self.log.warning("post_api shutup of %s failed", getattr(msg.sender, "id", "?"))
 
+    def _restored(self, report):
+        """The Message of a report an earlier run kept, once the contacts are loaded; None when its
+        conversation is gone, or the plugin stops first."""
+        while not self.client.wait_for_state("running", "stop", timeout=0.5):
+            if self.stopping.is_set():
+                return None
+        return restored_message(self.client.contacts, json.loads(report.body.decode("utf-8")))
+
     def stop(self, drain):
-        """Deliver what is queued for up to drain seconds (no more retries), then end the workers."""
+        """Deliver what is queued for up to drain seconds (no more retries), then end the workers; what
+        is left stays in a durable store, or is dropped."""
         with self.lock:
             self.deadline = time.monotonic() + drain
             self.stopping.set()
@@ -352,6 +816,19 @@ class Reporter(object):
         self.http.abort()      # past the drain time: break the requests still in flight
         for t in others:
             t.join()
+        with self.lock:
+            left = [report for queue in self.queues for report in queue]
+            for queue in self.queues:
+                queue.clear()
+            self.pending = 0
+            if not self.store.durable:
+                self.counts["dropped"] += len(left)
+        left.sort(key=lambda r: r.id)
+        if left and self.store.durable:
+            self.log.info("post_api stopped: %d undelivered report(s) stay in the store for the next start",
+                          len(left))
+        elif left:
+            self.log.warning("post_api stopped: dropped %d undelivered report(s): %s", len(left), describe_all(left))
 
 
 def _number(value):
@@ -363,7 +840,7 @@ def _number(value):
 
 
 ###############################################################################
-# 4. Routes
+# 5. Routes
 ###############################################################################
 
 
@@ -474,7 +951,7 @@ class Scan(object):
 class EventStream(webqq.Stream):
     """/openqq/events for one client: the hub's events after its cursor (those of its types), as
     Server-Sent Events; an `event: reset` when the next event is not the cursor's successor (events
-    fell out of the history, or the client restarted and counts from 1 again)."""
+    fell out of the history, or a restart lost it: see EventHub.successor)."""
 
     def __init__(self, api, cursor, types):
         self.api, self.hub, self.cursor, self.types = api, api.plugin.hub, cursor, types
@@ -491,7 +968,8 @@ class EventStream(webqq.Stream):
         if not pairs:
             return None if self.hub.closed else b""
         begin = pairs[0][0] - 1
-        reset = b"" if begin == self.cursor else sse_block("reset", begin, {"asked": self.cursor, "cursor": begin})
+        reset = b"" if pairs[0][0] == self.hub.successor(self.cursor) else sse_block(
+            "reset", begin, {"asked": self.cursor, "cursor": begin})
         self.cursor = pairs[-1][0]
         data = reset + self.api.encoded(pairs, self.types, as_sse)
         if timeout == 0:
@@ -767,8 +1245,8 @@ class Api(webqq.Api):
 
     def encoded(self, pairs, types, encode):
         """encode(pairs) (events with their cursors), reused while readers ask for the same span of the
-        history: a thousand readers at one cursor ask for the same bytes. The seqs are consecutive, so
-        the first and last seq read (with the filter) fix the events."""
+        history: a thousand readers at one cursor ask for the same bytes. The history only grows at its
+        end and its numbers are unique, so the first and last seq read (with the filter) fix the events."""
         key = (pairs[0][0], pairs[-1][0], types, encode) if pairs else None
         cached = self.events_answer
         if key is None or cached[0] != key:
@@ -807,7 +1285,7 @@ class Api(webqq.Api):
 
 
 ###############################################################################
-# 5. Plugin
+# 6. Plugin
 ###############################################################################
 
 
@@ -818,7 +1296,8 @@ class Server(ApiServer):
 
 
 class Openqq(object):
-    """The plugin: owns the servers, the check_event hub, the reporter, the poller; stop() ends them."""
+    """The plugin: owns the store, the servers, the check_event hub, the reporter, the poller; stop()
+    ends them."""
 
     def __init__(self, client, options):
         self.client = client
@@ -833,7 +1312,9 @@ class Openqq(object):
         self.guard = Guard(self.opts["access_token"], self.opts["auth"], self.opts["allow_origin"], self.log)
         self.hub = EventHub(self.opts["check_event_list_max_size"], self.opts["check_event_history_size"])
         self.events = frozenset(self.opts["post_event_list"]) if self.opts["post_event"] else frozenset()
-        self.reporter = Reporter(client, self.log, self.opts["post_api"], self.opts) \
+        self.store = Store(self.store_path(), self.log, self.opts["store_fsync"],
+                           max(self.opts["check_event_history_size"], 1000))
+        self.reporter = Reporter(client, self.log, self.opts["post_api"], self.opts, self.store) \
             if self.opts["post_api"] else None
         self.poller = Poller(self, self.opts["poll_api"], "openqq-poll") if self.opts["poll_api"] else None
         self.api = Api(self)
@@ -844,21 +1325,32 @@ class Openqq(object):
         self.stopped = threading.Event()
         self.stop_lock = threading.Lock()
         self.stdout_lock = threading.Lock()
+        self.accept_lock = threading.Lock()
+
+    def store_path(self):
+        """The store file, or None for memory only."""
+        if self.opts["store"] == "memory":
+            return None
+        return self.opts["store_path"] or os.path.join(self.client.tmpdir,
+                                                       "mojo_webqq_store_%s.sqlite3" % self.client.account)
 
     def prepare_options(self, options):
         """The options (every one of OPTIONS: Client.load read them) as the plugin uses them; ValueError
         for a mistake."""
         opts = dict(options)
-        for name in ("allow_insecure", "post_event", "post_stdout"):
+        for name in ("allow_insecure", "post_event", "post_stdout", "store_fsync"):
             opts[name] = to_bool(opts[name])
-        for name in ("request_timeout", "post_timeout", "post_retry_backoff", "check_event_timeout",
-                     "poll_interval", "poll_timeout", "stop_delay"):
+        for name in ("request_timeout", "post_timeout", "post_retry_backoff", "post_max_age", "check_event_timeout",
+                     "check_event_history_age", "poll_interval", "poll_timeout", "stop_delay"):
             try:
                 opts[name] = float(opts[name])
             except (TypeError, ValueError):
                 raise ValueError("openqq: option %s must be a number of seconds" % name)
         for name in ("max_body_size", "max_connections", "post_retries", "post_queue_size",
                      "post_workers", "check_event_list_max_size", "check_event_history_size"):
+            if name == "post_retries" and opts[name] in (None, ""):
+                opts[name] = None       # until delivered or too old
+                continue
             value = to_int(opts[name])
             if value is None or value < 0:
                 raise ValueError("openqq: option %s must be a whole number" % name)
@@ -869,14 +1361,19 @@ class Openqq(object):
         opts["post_queue_size"] = max(1, opts["post_queue_size"])
         opts["post_event_list"] = to_list(opts["post_event_list"])
         opts["allow_origin"] = to_list(opts["allow_origin"])
-        for name in ("access_token", "post_secret", "post_api", "poll_api"):
+        for name in ("access_token", "post_secret", "post_api", "poll_api", "store_path"):
             opts[name] = str(opts[name]) if opts[name] not in (None, "") else None
         if opts["auth"] is not None and not callable(opts["auth"]):
             raise ValueError("openqq: option auth must be a function(params, request)")
         return opts
 
     def start(self):
-        self.servers = serve(Server, self.entries, self.api, self.log, self.opts, parking=True)
+        self.restore()
+        try:
+            self.servers = serve(Server, self.entries, self.api, self.log, self.opts, parking=True)
+        except Exception:
+            self.store.close()
+            raise
         self.hub.listeners.extend(server.notice for server in self.servers)
         if self.reporter is not None:
             self.reporter.start()
@@ -899,26 +1396,51 @@ class Openqq(object):
 
     # -- reports -------------------------------------------------------------------
 
+    def restore(self):
+        """Take up what an earlier run kept: the check_event history, then the undelivered reports."""
+        rows = self.store.history(self.opts["check_event_history_size"], self.opts["check_event_history_age"])
+        self.hub.restore([(seq, json.loads(body.decode("utf-8"))) for seq, _, _, body in rows])
+        outbox = self.store.outbox()
+        if self.reporter is not None:
+            self.reporter.restore(outbox)
+        elif outbox:
+            self.store.remove(*(row[0] for row in outbox))
+            self.log.warning("post_api is not set: %d undelivered report(s) of an earlier run dropped", len(outbox))
+
     def on_event(self, name, *args):
         """Every client event: messages always reported and queued, other events as listed."""
         if name in ("receive_message", "send_message"):
             msg = args[0]
             if msg.type not in MESSAGE_TYPES:
                 return
-            payload = dict(msg.to_json(), post_type=name)
-            self.hub.put(payload)
-            self.report(payload, msg)
+            key = "%s %s %s" % (msg.type, msg.id, msg.time) if msg.cls == "recv" and msg.id is not None else None
+            self.accept(dict(msg.to_json(), post_type=name), msg, history=True, key=key)
         elif name in self.events:
             if name == "input_qrcode":
                 params = [args[0], base64.encodebytes(args[1]).decode("ascii")]
             else:
                 params = jsonable(list(args))
-            payload = {"post_type": "event", "event": name, "params": params}
-            if name.startswith(("new_", "lose_")) or name.endswith("_property_change"):
-                self.hub.put(payload)
-            self.report(payload)
+            history = name.startswith(("new_", "lose_")) or name.endswith("_property_change")
+            self.accept({"post_type": "event", "event": name, "params": params}, history=history)
 
-    def report(self, payload, msg=None):
+    def accept(self, payload, msg=None, history=False, key=None):
+        """Keep a report (and a check_event event) in the store, then hand it out; one at a time, so the
+        numbers are handed out in order and a cursor never passes one that comes later. A received
+        message the store has seen (key) is a repeat from the upstream: dropped."""
+        if history or self.reporter is not None:
+            body = json_dumps(payload).encode("utf-8")
+            lane = lane_of(payload) if self.reporter is not None else None
+            with self.accept_lock:
+                numbers = self.store.add(body, history, lane, payload["post_type"], key)
+                if numbers is None:
+                    self.log.info("openqq: message %s came again from the upstream (read before a restart); "
+                                  "not reported twice", key)
+                    return
+                seq, report_id = numbers
+                if history:
+                    self.hub.put(payload, seq)
+                if lane is not None:
+                    self.reporter.submit(Report(report_id, body, payload["post_type"], msg, time.time(), lane))
         if self.opts["post_stdout"]:
             with self.stdout_lock:
                 try:
@@ -926,12 +1448,11 @@ class Openqq(object):
                     sys.stdout.flush()
                 except (OSError, ValueError):
                     pass
-        if self.reporter is not None:
-            self.reporter.submit(payload, msg)
 
     def counters(self):
-        """The figures get_client_info adds: post_api_* and check_event_dropped."""
-        figures = {"check_event_dropped": self.hub.dropped}
+        """The figures get_client_info adds: post_api_*, check_event_dropped, store and store_failures."""
+        figures = {"check_event_dropped": self.hub.dropped, "store": "sqlite" if self.store.durable else "memory",
+                   "store_failures": self.store.failures}
         if self.reporter is not None:
             counts = self.reporter.counters()
             figures.update(("post_api_" + k, v) for k, v in counts.items())
@@ -983,6 +1504,7 @@ class Openqq(object):
             self.poller.stop()
         if self.reporter is not None:
             self.reporter.stop(self.opts["post_timeout"])
+        self.store.close()
         for t in list(self.threads):
             if t is not threading.current_thread():
                 t.join()

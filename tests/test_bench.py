@@ -84,8 +84,8 @@ def test_long_pollers_wait_without_threads_then_all_get_the_event_and_keep_their
     for conn in conns:
         status, headers, body = conn.answer()
         events = json.loads(body.decode("utf-8"))
-        assert status == 200 and headers["x-cursor"] == str(seq + 1)
-        assert [(e["content"], e["cursor"]) for e in events] == [("to all of you", seq + 1)]
+        assert status == 200 and headers["x-cursor"] == str(plugin.hub.seq) and plugin.hub.seq > seq
+        assert [(e["content"], e["cursor"]) for e in events] == [("to all of you", plugin.hub.seq)]
     for conn in conns:                      # the same connections serve the next requests
         conn.send("/openqq/get_user_info")
         status, user = conn.json()

@@ -178,23 +178,24 @@ def test_a_cursor_out_of_the_history_gets_a_reset_then_what_is_kept(sim, make_cl
         sim.inject_friend_message(friend.uin, "h%d" % n)
     client.recorder.wait("receive_message", count=5)
     items = requests.get(url + "/openqq/check_event", params={"cursor": 0, "access_token": TOKEN}, timeout=5).json()
-    assert [i["cursor"] for i in items] == [3, 4, 5]            # 1 and 2 fell out of the history
+    first = items[0]["cursor"] - 2      # the run's first number (the time in ms), then one by one
+    assert [i["cursor"] for i in items] == [first + 2, first + 3, first + 4]     # the first two fell out
 
-    stream = Sse(url, events_path(cursor=1))
+    stream = Sse(url, events_path(cursor=first))
     assert stream.event()["event"] == "ready"
-    assert stream.block() == b'event: reset\nid: 2\ndata: {"asked":1,"cursor":2}\n\n'
+    assert stream.block() == b'event: reset\nid: %d\ndata: {"asked":%d,"cursor":%d}\n\n' % (first + 1, first, first + 1)
     assert [stream.event()["data"]["content"] for _ in range(3)] == ["h2", "h3", "h4"]
     stream.close()
-    # a cursor from before a restart (ahead of every number here) starts over, with a reset too
-    ahead = Sse(url, events_path(cursor=99))
-    assert ahead.event() == {"retry": "2000", "event": "ready", "id": "99", "data": {"cursor": 99}}
-    assert ahead.block() == b'event: reset\nid: 2\ndata: {"asked":99,"cursor":2}\n\n'
-    assert ahead.event()["id"] == "3"
+    # a cursor ahead of every number (made up, or from a clock set back) starts over, with a reset too
+    ahead = Sse(url, events_path(cursor=10 ** 15))
+    assert ahead.event() == {"retry": "2000", "event": "ready", "id": str(10 ** 15), "data": {"cursor": 10 ** 15}}
+    assert ahead.block() == b'event: reset\nid: %d\ndata: {"asked":%d,"cursor":%d}\n\n' % (first + 1, 10 ** 15, first + 1)
+    assert ahead.event()["id"] == str(first + 2)
     ahead.close()
     # a cursor still in the history: no reset
-    kept = Sse(url, events_path(cursor=3))
+    kept = Sse(url, events_path(cursor=first + 2))
     kept.event()
-    assert kept.event()["id"] == "4"
+    assert kept.event()["id"] == str(first + 3)
     kept.close()
 
 
@@ -202,11 +203,13 @@ def test_the_type_filter_of_the_stream_and_of_check_event(sim, env):
     log_in(sim, env)
     friend, group = sim.world.friends[0], sim.world.groups[1]
     member = [m for m in group.members if m.uin != sim.world.user.uin][0]
+    sim.inject_friend_message(friend.uin, "the run's first number")       # the numbers go one by one from it
+    env.recorder.wait("receive_message", count=1)
     stream = Sse(env.url, events_path(type="group_message"))
     start = int(stream.event()["id"])
     sim.inject_friend_message(friend.uin, "not for the filter")
     sim.inject_group_message(group.gid, member.uin, "群消息")
-    env.recorder.wait("receive_message", count=2)
+    env.recorder.wait("receive_message", count=3)
     event = stream.event()
     assert event["data"]["content"] == "群消息" and event["id"] == str(start + 2)
     stream.close()
@@ -224,7 +227,7 @@ def test_the_type_filter_of_the_stream_and_of_check_event(sim, env):
     thread.start()
     assert wait_until(lambda: len(server.parker) == 1)
     sim.inject_friend_message(friend.uin, "still not")
-    env.recorder.wait("receive_message", count=3)
+    env.recorder.wait("receive_message", count=4)
     thread.join(0.5)                    # time enough for the parker to answer, were it to answer now
     assert thread.is_alive()
     discuss = sim.world.discusses[0]

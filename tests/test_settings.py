@@ -76,7 +76,7 @@ def test_the_perl_form_and_the_defaults_reach_call(make_client):
     plugin = client.load("openqq", data={"listen": "127.0.0.1:0", "post_event": 0})
     try:
         assert plugin is not None and plugin.opts["post_event"] is False
-        assert plugin.opts["post_retries"] == 6 and plugin.opts["check_event_timeout"] == 30.0
+        assert plugin.opts["post_queue_size"] == 10000 and plugin.opts["check_event_timeout"] == 30.0
     finally:
         plugin.stop()
     assert client.load("openqq", data={"listen": "127.0.0.1:0", "post_apu": "x"}) is None
