@@ -33,12 +33,18 @@ The table (median of --runs runs; latencies as p50/p99):
     time: how long after webqq accepted each one every stream has it; RSS and threads meanwhile
  9. --load-streams streams while --stream-rate messages a second come in for --stream-seconds:
     none lost, none twice, and the latency from acceptance to each stream
+10. durable delivery: message -> post_api latency with `store = memory` and with the store (a
+    client of each, one after the other, as in item 5); with each, --sustained seconds at
+    --sustained-rate messages/s; then, with the store, batches at --bulk-rate (each delivered
+    before the next) until --reports reports in all: latency, CPU, the store's write time per
+    report, RSS and the store's size on disk
 
 then the issue's targets with the figure that decides each. Figures, not pass/fail: the exit
 status is 0 whatever the numbers are. RSS and thread counts come from /proc (Linux only).
 """
 
 import argparse
+import array
 import datetime
 import json
 import math
@@ -62,11 +68,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FULL = {"friends": 2000, "groups": 200, "members": 200, "runs": 3, "seconds": 3.0, "sends": 1000,
         "messages": 1000, "rate": 100.0, "pollers": 1000, "hold": 30.0, "streams": 1000, "stream_events": 20,
-        "load_streams": 100, "stream_rate": 100.0, "stream_seconds": 60.0}
+        "load_streams": 100, "stream_rate": 100.0, "stream_seconds": 60.0, "sustained": 60.0,
+        "sustained_rate": 500.0, "bulk_rate": 1000.0, "reports": 100000}
 QUICK = {"friends": 200, "groups": 20, "members": 50, "runs": 1, "seconds": 0.5, "sends": 200,
          "messages": 100, "rate": 100.0, "pollers": 200, "hold": 2.0, "streams": 200, "stream_events": 5,
-         "load_streams": 20, "stream_rate": 100.0, "stream_seconds": 3.0}
+         "load_streams": 20, "stream_rate": 100.0, "stream_seconds": 3.0, "sustained": 4.0,
+         "sustained_rate": 500.0, "bulk_rate": 1000.0, "reports": 5000}
 CLIENTS = (1, 8, 32)
+BULK_BATCH = 5000       # messages of item 10's bulk phase delivered before the next ones are injected
 INFO_ROUTES = ("get_friend_info", "get_group_info")
 QR_CHECK_INTERVAL = 0.1
 
@@ -309,6 +318,16 @@ class WebqqPart(object):
         self.plugin = self.client.load("openqq", listen=[{"host": "127.0.0.1", "port": 0}], **openqq)
         if self.plugin is None:
             raise BenchError("the openqq plugin did not load")
+        self.add_times = array.array("d")       # seconds each store write took, on the emitting thread
+        add = self.plugin.store.add
+
+        def timed_add(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return add(*args, **kwargs)
+            finally:
+                self.add_times.append(time.perf_counter() - started)
+        self.plugin.store.add = timed_add
         self.client.start()
 
     def do_url(self):
@@ -339,6 +358,17 @@ class WebqqPart(object):
     def do_accepted(self, ids):
         """{id: time webqq accepted the message} of the ids it has accepted."""
         return {str(i): self.accepted[i] for i in ids if i in self.accepted}
+
+    def do_store(self):
+        """The store in use, its files' size in bytes, the post_api counters, and p50/p99 of the store
+        writes since the last call."""
+        store, times = self.plugin.store, sorted(self.add_times)
+        self.add_times = array.array("d")
+        size = sum(os.path.getsize(path) for path in (store.path or "", (store.path or "") + "-wal")
+                   if os.path.exists(path))
+        return {"store": "sqlite" if store.durable else "memory", "size": size, "writes": len(times),
+                "write_p50": percentile(times, 0.5), "write_p99": percentile(times, 0.99),
+                "counters": self.plugin.reporter.counters()}
 
     def do_parked(self):
         """How many long-polls wait in the servers' parkers (without a thread of their own)."""
@@ -457,6 +487,14 @@ class ReceiverPart(object):
     def do_arrivals(self, ids):
         """[post_api, check_event] arrival times of each message id (None when it has not arrived)."""
         return [[self.server.arrivals.get(i), self.checked.get(i)] for i in ids]
+
+    def do_arrived(self):
+        """How many messages reached post_api."""
+        return len(self.server.arrivals)
+
+    def do_forget(self):
+        self.server.arrivals.clear()
+        self.checked.clear()
 
     def do_stop_reading(self):
         self.reading.clear()
@@ -773,7 +811,7 @@ ROLES = {"sim": SimPart, "webqq": WebqqPart, "ceiling": CeilingPart, "receiver":
 
 
 class Bench(object):
-    """Runs the seven items with its child processes and keeps every raw figure in results."""
+    """Runs the items with its child processes and keeps every raw figure in results."""
 
     SLICES = 4      # turns webqq and the ceiling take within one run of an info route
 
@@ -824,6 +862,7 @@ class Bench(object):
         finally:
             self.drop(api)
         self.events()
+        self.durable()
         return self.results
 
     # 1, 2
@@ -913,36 +952,43 @@ class Bench(object):
             self.drop(receiver)
 
     def latency(self, client, receiver, url):
-        runs = []
         receiver.call("read_events", url=url)
-        for n in range(self.cfg["runs"]):
-            progress("message latency run %d/%d" % (n + 1, self.cfg["runs"]))
-            self.sim.call("forget")
-            count = self.cfg["messages"]
-            self.sim.call("inject", count=count, rate=self.cfg["rate"])
-            ids = self.sim.call("injected_ids")
+        self.results["latency"] = [self.messages(receiver, self.cfg["messages"], self.cfg["rate"], "latency run %d/%d"
+                                                 % (n + 1, self.cfg["runs"])) for n in range(self.cfg["runs"])]
 
-            def arrived():
-                arrivals = receiver.call("arrivals", ids=ids)
-                return all(a is not None and b is not None for a, b in arrivals) and arrivals
-            arrivals = wait_until(arrived, 30, 0.1) or receiver.call("arrivals", ids=ids)
-            timings = self.sim.call("timings", ids=ids)
-            run = {"count": count, "lost_post": 0, "lost_check": 0}
-            series = {"upstream": [], "post": [], "check": [], "post_beyond": [], "check_beyond": []}
-            for (injected, delivered), both in zip(timings, arrivals):
+    def messages(self, receiver, count, rate, what, ways=("post", "check")):
+        """count messages injected at rate: latencies to each of ways (post_api, check_event) as
+        {"p50", "p99"}, in total and beyond the simulator's delivery, and the count lost."""
+        progress("%s: %d messages at %g/s" % (what, count, rate))
+        self.sim.call("forget")
+        receiver.call("forget")
+        started = time.time()
+        self.sim.call("inject", count=count, rate=rate)
+        ids = self.sim.call("injected_ids")
+        wait_until(lambda: receiver.call("arrived") >= count, 30 + count / 500.0, 0.1)
+        if "check" in ways:
+            wait_until(lambda: all(b is not None for _, b in receiver.call("arrivals", ids=ids)), 30, 0.1)
+        arrivals = receiver.call("arrivals", ids=ids)
+        timings = self.sim.call("timings", ids=ids)
+        run = {"count": count, "seconds": time.time() - started}
+        series = {"upstream": []}
+        for way in ways:
+            series[way], series[way + "_beyond"], run["lost_" + way] = [], [], 0
+        for (injected, delivered), both in zip(timings, arrivals):
+            if delivered is not None:
+                series["upstream"].append(delivered - injected)
+            for way, arrived in zip(("post", "check"), both):
+                if way not in ways:
+                    continue
+                if arrived is None:
+                    run["lost_" + way] += 1
+                    continue
+                series[way].append(arrived - injected)
                 if delivered is not None:
-                    series["upstream"].append(delivered - injected)
-                for way, arrived in zip(("post", "check"), both):
-                    if arrived is None:
-                        run["lost_" + way] += 1
-                        continue
-                    series[way].append(arrived - injected)
-                    if delivered is not None:
-                        series[way + "_beyond"].append(arrived - delivered)
-            for name, values in series.items():
-                run[name] = {"p50": percentile(values, 0.5), "p99": percentile(values, 0.99)}
-            runs.append(run)
-        self.results["latency"] = runs
+                    series[way + "_beyond"].append(arrived - delivered)
+        for name, values in series.items():
+            run[name] = {"p50": percentile(values, 0.5), "p99": percentile(values, 0.99)}
+        return run
 
     def pollers(self, client, url):
         runs, count, hold = [], self.cfg["pollers"], self.cfg["hold"]
@@ -1017,6 +1063,56 @@ class Bench(object):
                        injected=len(ids))
         self.results["stream_load"] = figures
 
+    # 10
+    def durable(self):
+        """post_api latency without and with the store, then the store under sustained and bulk load."""
+        cfg = self.cfg
+        receiver = self.child("receiver")
+        results = {}
+        try:
+            for store in ("memory", "sqlite"):
+                client, _ = self.start_client(post_api=receiver.call("url"), store=store)
+                try:
+                    client.call("wait_members", timeout=300)
+                    client.call("store")
+                    runs = [self.messages(receiver, cfg["messages"], cfg["rate"], "store %s, run %d/%d" % (
+                        store, n + 1, cfg["runs"]), ways=("post",)) for n in range(cfg["runs"])]
+                    results[store] = {"runs": runs, "store": client.call("store")}
+                    results[store]["sustained"] = self.sustained(client, receiver)
+                    if store == "sqlite":
+                        results["bulk"] = self.bulk(client, receiver, results[store]["sustained"])
+                finally:
+                    self.drop(client)
+        finally:
+            self.drop(receiver)
+        self.results["durable"] = results
+
+    def sustained(self, client, receiver):
+        """--sustained seconds of messages at --sustained-rate: latency, CPU, RSS, the store's writes."""
+        cfg = self.cfg
+        before = proc_status(client.pid)
+        cpu = cpu_seconds(client.pid)
+        count = int(cfg["sustained"] * cfg["sustained_rate"])
+        run = self.messages(receiver, count, cfg["sustained_rate"], "sustained", ways=("post",))
+        run.update(cpu=(cpu_seconds(client.pid) - cpu) / run["seconds"] if cpu is not None else None,
+                   before=before, after=proc_status(client.pid), store=client.call("store"))
+        return run
+
+    def bulk(self, client, receiver, sustained):
+        """Messages in batches of BULK_BATCH at --bulk-rate, each delivered before the next, until --reports
+        reports went through the client: RSS and the store's size."""
+        left = max(0, self.cfg["reports"] - sustained["store"]["counters"]["sent"])
+        run = {"count": left, "lost_post": 0, "seconds": 0.0}
+        while left > 0:
+            batch = self.messages(receiver, min(left, BULK_BATCH), self.cfg["bulk_rate"],
+                                  "bulk, %d to go" % left, ways=("post",))
+            run["lost_post"] += batch["lost_post"]
+            run["seconds"] += batch["seconds"]
+            left -= batch["count"]
+        run["after"] = proc_status(client.pid)
+        run["store"] = client.call("store")
+        return run
+
 
 ###############################################################################
 # 6. The table
@@ -1044,7 +1140,7 @@ def machine():
 
 
 def table(results, quick):
-    """The seven items and the targets as text."""
+    """The items and the targets as text."""
     cfg, out = results["config"], []
     say = out.append
     runs = cfg["runs"]
@@ -1180,6 +1276,38 @@ def table(results, quick):
         load["after"].get("threads")))
 
     say("")
+    durable = results["durable"]
+    say("10. durable delivery: %d messages at %g/s -> post_api, a client with store = memory, then one with the "
+        "store" % (cfg["messages"], cfg["rate"]))
+    say("   (p50/p99 ms; the store's write: on the thread that emits the event, per report)")
+    for store in ("memory", "sqlite"):
+        runs = durable[store]["runs"]
+        say("   %-38s %8s %8s" % ("store = %s: injected -> post_api" % store, ms(median([r["post"]["p50"] for r in runs]), 2),
+                                  ms(median([r["post"]["p99"] for r in runs]), 2)))
+        say("   %-38s %8s %8s" % ("store = %s: beyond the upstream" % store,
+                                  ms(median([r["post_beyond"]["p50"] for r in runs]), 2),
+                                  ms(median([r["post_beyond"]["p99"] for r in runs]), 2)))
+    written = durable["sqlite"]["store"]
+    say("   %-38s %8s %8s   (%d writes)" % ("the store's write", ms(written["write_p50"], 3), ms(written["write_p99"], 3),
+                                            written["writes"]))
+    bulk = durable["bulk"]
+    say("   %g messages/s for %g s (%d messages), injected -> post_api p50/p99 ms:" % (
+        cfg["sustained_rate"], cfg["sustained"], durable["sqlite"]["sustained"]["count"]))
+    for store in ("memory", "sqlite"):
+        sustained = durable[store]["sustained"]
+        writes = "the store's write %s / %s ms" % (ms(sustained["store"]["write_p50"], 3),
+                                                   ms(sustained["store"]["write_p99"], 3)) if store == "sqlite" else ""
+        say("     store = %-7s %7s %8s   lost %d; webqq CPU %.0f %%, RSS %s -> %s %s" % (
+            store, ms(sustained["post"]["p50"], 2), ms(sustained["post"]["p99"], 2), sustained["lost_post"],
+            100 * (sustained["cpu"] or 0), mb(sustained["before"].get("rss")), mb(sustained["after"].get("rss")),
+            writes))
+    counters = bulk["store"]["counters"]
+    say("   then %d more, %d at a time at %g/s (%.0f s, lost %d): after %d reports, RSS %s (peak %s), store on disk "
+        "%.1f MB" % (bulk["count"], BULK_BATCH, cfg["bulk_rate"], bulk["seconds"], bulk["lost_post"], counters["sent"],
+                     mb(bulk["after"].get("rss")), mb(bulk["after"].get("peak")), bulk["store"]["size"] / 1048576.0))
+    say("     post_api counters: %s" % ", ".join("%s %d" % item for item in sorted(counters.items())))
+
+    say("")
     say("targets%s" % (" (set for the full world and runs; a quick run only indicates)" if quick else ""))
     ratio32 = median([p["webqq"]["rps"] / p["ceiling"]["rps"]
                       for p in results["info"]["get_friend_info/32"]["runs"] if p["ceiling"]["rps"]])
@@ -1187,6 +1315,7 @@ def table(results, quick):
     above = (peak - idle) / 1024.0 if peak and idle else None
     last = median([r["last"] for r in polls])
     running = med("running")
+    p99 = {store: median([r["post"]["p99"] for r in durable[store]["runs"]]) for store in ("memory", "sqlite")}
     checks = [
         ("get_friend_info at 32 clients >= 70 % of the ceiling", "%.0f %%" % (100 * ratio32), ratio32 >= 0.70),
         ("post_api p99 beyond the upstream's delivery < 20 ms", "%s ms" % ms(post99), post99 is not None and post99 < 0.020),
@@ -1195,6 +1324,10 @@ def table(results, quick):
         ("%d long-pollers all answered within 200 ms" % count, "%s ms" % ms(last), last is not None and last < 0.200
          and min(r["with_event"] for r in polls) == count),
         ("running within 2 s of the confirmed scan", "%s ms" % ms(running, 0), running is not None and running < 2.0),
+        ("post_api p99 with the store <= 2x without", "%s / %s ms" % (ms(p99["sqlite"]), ms(p99["memory"])),
+         None not in p99.values() and p99["sqlite"] <= 2 * p99["memory"]),
+        ("%g messages/s for %g s with the store, none lost" % (cfg["sustained_rate"], cfg["sustained"]),
+         "%d lost" % durable["sqlite"]["sustained"]["lost_post"], durable["sqlite"]["sustained"]["lost_post"] == 0),
     ]
     held = median([r["held"].get("threads", 0) - r["before"].get("threads", 0) for r in streams])
     grown = smb("after", "rss") - smb("before", "rss") if smb("after", "rss") else None
@@ -1229,7 +1362,11 @@ def main(argv=None):
                              ("streams", int, "event streams held"), ("stream_events", int, "messages to them"),
                              ("load_streams", int, "event streams under load"),
                              ("stream_rate", float, "messages per second to them"),
-                             ("stream_seconds", float, "seconds of that load")):
+                             ("stream_seconds", float, "seconds of that load"),
+                             ("sustained", float, "seconds of sustained messages with the store"),
+                             ("sustained_rate", float, "messages per second then"),
+                             ("bulk_rate", float, "messages per second of the batches up to --reports"),
+                             ("reports", int, "reports in all through the store")):
         parser.add_argument("--" + name.replace("_", "-"), type=kind, help="%s (full %s, quick %s)" % (what, FULL[name], QUICK[name]))
     parser.add_argument("--json", metavar="FILE", help="write every raw figure to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, client files)")

@@ -2,6 +2,7 @@
 Openqq server: check_event long-polls parked without a thread (plugins/openqq.py, Parker)."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -61,12 +62,15 @@ def test_quick_benchmark_runs_every_item_and_prints_the_table():
     assert done.returncode == 0, done.stderr.decode("utf-8", "replace")[-3000:]
     for heading in ("1. login", "2. RSS of the client process", "3. info routes", "4. send_friend_message",
                     "5. message latency", "6. 200 check_event long-pollers", "7. ", "8. 200 event streams",
-                    "9. 20 event streams", "targets"):
+                    "9. 20 event streams", "10. durable delivery", "targets"):
         assert heading in out, out
     for row in ("get_friend_info        1", "get_group_info        32", "sync, 32 clients", "async, 32 clients",
                 "beyond the upstream: -> post_api", "pollers answered with the event",
-                "deliveries lost 0, twice 0; streams cut 0", "(300 messages x 20 streams): lost 0, twice 0"):
+                "deliveries lost 0, twice 0; streams cut 0", "(300 messages x 20 streams): lost 0, twice 0",
+                "store = memory: injected -> post_api", "store = sqlite: injected -> post_api", "the store's write",
+                "lost 0): after 5000 reports", "post_api p99 with the store <= 2x without"):
         assert row in out, out
+    assert re.search(r"store = sqlite +[\d.]+ +[\d.]+ +lost 0", out), out
     assert "errors (" not in out, out        # figures are free, but every answer must have been a 200
 
 
