@@ -159,8 +159,9 @@ class Store(object):
     SQLite file (WAL), or in memory only (path None, or after a failure).
 
     One connection, made with check_same_thread=False and used only under self.lock by whichever
-    thread calls: the thread that emits an event adds it, the post_api workers remove what was
-    answered. The connection holds the file's lock from open to close (locking_mode EXCLUSIVE, no
+    thread calls: the thread that emits an event adds it (with the deletes of the reports answered
+    meanwhile, in one transaction), a post_api worker with nothing left to do writes those deletes
+    itself (flush). The connection holds the file's lock from open to close (locking_mode EXCLUSIVE, no
     shared memory: the same on Windows), so a second process of the account finds it locked. Any
     error: one message, then memory only (durable False, failures counted).
 
@@ -175,6 +176,8 @@ class Store(object):
         self.lock = threading.Lock()
         self.db = None
         self.failures = 0
+        self.answered = []          # ids of reports answered but still in the file, under answered_lock
+        self.answered_lock = threading.Lock()
         self.keys = collections.OrderedDict()     # keys of the latest received messages: see add()
         self.key_limit = max(1, key_limit)
         self.added = 0
@@ -280,6 +283,8 @@ class Store(object):
         """Run [(sql, args)] in one transaction, unless memory only; a failure ends the file's use."""
         if self.db is None:
             return
+        if not statements:
+            return
         try:
             if len(statements) > 1:
                 self.db.execute("BEGIN")
@@ -310,7 +315,7 @@ class Store(object):
                     self.keys.popitem(last=False)
             now = time.time()
             seq = report = None
-            statements = []
+            statements = self._deletes()
             if history:
                 self.last_seq = seq = self.last_seq + 1
                 statements.append(("INSERT INTO history (seq, created, key, body) VALUES (?, ?, ?, ?)",
@@ -327,9 +332,25 @@ class Store(object):
             return seq, report
 
     def remove(self, *report_ids):
-        """Forget reports: answered, dropped or expired."""
+        """Forget reports now: dropped or expired."""
         with self.lock:
             self._run([("DELETE FROM outbox WHERE id = ?", (report_id,)) for report_id in report_ids])
+
+    def answer(self, report_id):
+        """Forget a report the receiver answered: with the next add() or flush(), so that a post_api worker
+        never waits for the file (a crash before then sends it again, under the same id)."""
+        with self.answered_lock:
+            self.answered.append(report_id)
+
+    def flush(self):
+        """Write the deletes of the reports answered since the last add()."""
+        with self.lock:
+            self._run(self._deletes())
+
+    def _deletes(self):
+        with self.answered_lock:
+            ids, self.answered = self.answered, []
+        return [("DELETE FROM outbox WHERE id = ?", (report_id,)) for report_id in ids]
 
     def outbox(self):
         """Every report kept, oldest first: (id, created, lane, post_type, body)."""
@@ -365,6 +386,7 @@ class Store(object):
 
     def close(self):
         with self.lock:
+            self._run(self._deletes())
             self._close_db()
 
 
@@ -635,11 +657,20 @@ class Reporter(object):
 
     def restore(self, rows):
         """Queue the reports an earlier run left in the store, (id, created, lane, post_type, body) oldest
-        first, before any new one (before start())."""
-        for report_id, created, lane, post_type, body in rows:
-            self.submit(Report(report_id, body, post_type, None, created, lane))
-        if rows:
-            self.log.info("post_api: %d undelivered report(s) of an earlier run go out first", len(rows))
+        first, before any new one (before start()); beyond post_queue_size the oldest are dropped."""
+        reports = [Report(report_id, body, post_type, None, created, lane)
+                   for report_id, created, lane, post_type, body in rows]
+        excess, reports = reports[:-self.capacity], reports[-self.capacity:]
+        if excess:
+            self.store.remove(*(r.id for r in excess))
+            with self.lock:
+                self.counts["dropped"] += len(excess)
+            self.log.warning("post_api: %d undelivered report(s) of an earlier run beyond post_queue_size (%d) "
+                             "dropped: %s", len(excess), self.capacity, describe_all(excess))
+        for report in reports:
+            self.submit(report)
+        if reports:
+            self.log.info("post_api: %d undelivered report(s) of an earlier run go out first", len(reports))
 
     def start(self):
         for t in self.threads:
@@ -672,6 +703,8 @@ class Reporter(object):
     def _work(self, index):
         queue, cond = self.queues[index], self.conds[index]
         while True:
+            if not queue:
+                self.store.flush()      # nothing to send: what was answered leaves the file now
             with self.lock:
                 while not queue and not self.stopping.is_set():
                     cond.wait()
@@ -719,7 +752,7 @@ class Reporter(object):
             except TransportError as e:
                 status, error, again = None, str(e), not e.timed_out
             if status is not None and 200 <= status < 300:
-                self.store.remove(report.id)
+                self.store.answer(report.id)
                 with self.lock:
                     self.counts["sent"] += 1
                 self.outage.recovered(self.pending)
@@ -735,7 +768,7 @@ class Reporter(object):
                                  describe(report), seconds_text(self.max_age), error)
                 return True
             if not again or (self.retries is not None and attempt >= self.retries):
-                self.store.remove(report.id)
+                self.store.answer(report.id)
                 with self.lock:
                     self.counts["failed"] += 1
                 self.outage.failed(error, self._given_up(report, status, again, attempt), self.pending, given_up=True)

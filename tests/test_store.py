@@ -170,7 +170,7 @@ def test_crash_test_no_report_lost_across_kill_9(sim, tmp_path, launch):
         for moment in moments:
             wait_until(lambda: len(sent) >= moment, 30, 0.001)
             kills.append(len(sent))
-            program.proc.send_signal(signal.SIGKILL)
+            program.proc.kill()                                 # SIGKILL (TerminateProcess on Windows)
             program.proc.wait(10)
             program = launch("-c", config)
         injector.join(60)
@@ -202,9 +202,10 @@ def test_crash_test_no_report_lost_across_kill_9(sim, tmp_path, launch):
     cursors = [cursor for _, cursor in read]
     print("\ncrash test: %d messages, %d SIGKILLs (after %s messages), %d restarts; post_api: %d report ids "
           "delivered, %d duplicate deliveries seen, %d missing; check_event cursor reader: %d read, %d duplicates, "
-          "%d missing; %.1f s" % (len(sent), len(kills), kills, len(kills), len(first), duplicates, len(missing),
-                                  len(read), len(read) - len(set(m for m, _ in read)),
-                                  len(set(sent) - set(m for m, _ in read)), time.time() - started))
+          "%d missing; messages the simulator gave again after a kill, recognised: %d; %.1f s" % (
+              len(sent), len(kills), kills, len(kills), len(first), duplicates, len(missing), len(read),
+              len(read) - len(set(m for m, _ in read)), len(set(sent) - set(m for m, _ in read)),
+              program.log().count("came again from the upstream"), time.time() - started))
     assert len(sent) == MESSAGES and len(kills) == KILLS
     assert not missing
     assert all(len(found) == 1 and None not in found for found in ids.values()), "a message under two ids"
@@ -299,6 +300,26 @@ def test_what_falls_out_of_the_outbox_is_counted_and_named(sim, tmp_path, make_c
         assert sorted(named) == ids                                             # each one, once
         client.stop()
         assert stored(tmp_path, "default", "SELECT count(*) FROM outbox") == [(0,)]
+    finally:
+        lines.close()
+        receiver.close()
+
+
+def test_reports_left_beyond_a_smaller_queue_are_dropped_in_one_line(sim, tmp_path, make_client):
+    store = openqq.Store(store_file(tmp_path, "default"), logging.getLogger("webqq.test-store"))
+    for n in range(5):
+        store.add(json.dumps({"post_type": "event", "event": "left %d" % n}).encode(), lane="event", post_type="event")
+    store.close()
+    receiver = Receiver()
+    lines = LogLines(logging.WARNING)
+    try:
+        client, plugin = start_openqq(make_client, post_api=receiver.url, post_queue_size=2)
+        assert wait_until(lambda: len(receiver.reports()) >= 2)
+        assert [r["event"] for r in receiver.reports()[:2]] == ["left 3", "left 4"]
+        assert [line for line in lines.lines if "beyond post_queue_size" in line] == [
+            "post_api: 3 undelivered report(s) of an earlier run beyond post_queue_size (2) dropped: event left 0, "
+            "event left 1, event left 2"]
+        assert plugin.reporter.counters()["dropped"] == 3
     finally:
         lines.close()
         receiver.close()
