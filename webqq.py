@@ -1412,8 +1412,9 @@ class EventEmitter(object):
         return fn
 
     def off(self, name, fn):
+        """Unsubscribe fn from name (a bound method is the same handler each time it is named: ==, not is)."""
         with self._handlers_lock:
-            self._handlers[name] = tuple(h for h in self._handlers.get(name, ()) if h is not fn)
+            self._handlers[name] = tuple(h for h in self._handlers.get(name, ()) if h != fn)
 
     def emit(self, name, *args):
         for fn in self._handlers.get(name, ()):

@@ -52,12 +52,20 @@ def sim():
 
 
 class Recorder(object):
-    """Every event a client emits, in order, with a condition to wait on."""
+    """Every event a client emits, in order, with a condition to wait on. It hears each event after
+    the plugins loaded before the client started: once wait() saw an event, they have handled it."""
 
     def __init__(self, client):
         self.events = []
         self.cond = threading.Condition()
         client.on("all_event", self.record)
+        start = client.start
+
+        def start_after_the_plugins():
+            client.off("all_event", self.record)
+            client.on("all_event", self.record)
+            start()
+        client.start = start_after_the_plugins
 
     def record(self, name, *args):
         with self.cond:

@@ -89,7 +89,7 @@ def env(sim, make_client):
     """A client logged in to the simulator, serving Openqq with a token; .url, .plugin, .sim."""
     client = make_client()
     client.plugin_ = client.load("openqq", listen=[{"host": "127.0.0.1", "port": 0}], access_token=TOKEN,
-                                 check_event_timeout=1, stop_delay=0.2)
+                                 check_event_timeout=5, stop_delay=0.2)
     client.url = client.plugin_.urls[0]
     client.sim = sim
     return client
@@ -177,7 +177,12 @@ def test_a_cursor_out_of_the_history_gets_a_reset_then_what_is_kept(sim, make_cl
     for n in range(5):
         sim.inject_friend_message(friend.uin, "h%d" % n)
     client.recorder.wait("receive_message", count=5)
-    items = requests.get(url + "/openqq/check_event", params={"cursor": 0, "access_token": TOKEN}, timeout=5).json()
+
+    def kept():
+        return requests.get(url + "/openqq/check_event", params={"cursor": 0, "access_token": TOKEN}, timeout=5).json()
+    # the recorder hears of a message before the plugin has numbered it: wait for the last one in the history
+    assert wait_until(lambda: [i["content"] for i in kept()] == ["h2", "h3", "h4"])
+    items = kept()
     first = items[0]["cursor"] - 2      # the run's first number (the time in ms), then one by one
     assert [i["cursor"] for i in items] == [first + 2, first + 3, first + 4]     # the first two fell out
 
@@ -205,6 +210,7 @@ def test_the_type_filter_of_the_stream_and_of_check_event(sim, env):
     member = [m for m in group.members if m.uin != sim.world.user.uin][0]
     sim.inject_friend_message(friend.uin, "the run's first number")       # the numbers go one by one from it
     env.recorder.wait("receive_message", count=1)
+    assert check_event(env.url, cursor=0).json()     # the plugin has numbered it too (it hears of it after us)
     stream = Sse(env.url, events_path(type="group_message"))
     start = int(stream.event()["id"])
     sim.inject_friend_message(friend.uin, "not for the filter")

@@ -298,3 +298,19 @@ def test_an_upstream_missing_a_method_is_refused_when_made(tmp_path):
     assert str(refused.value) == ("upstream Half lacks fetch_user, fetch_friends, fetch_groups, fetch_group_detail, "
                                   "fetch_discusses, poll, send, shutup, kick")
     assert webqq.SmartQQ(client).uid is None
+
+
+def test_a_bound_method_unsubscribes(tmp_path):
+    class Plugin(object):
+        def __init__(self):
+            self.heard = []
+
+        def on_event(self, name, *args):
+            self.heard.append(name)
+
+    emitter, plugin = webqq.EventEmitter(), Plugin()
+    emitter.on("all_event", plugin.on_event)
+    emitter.emit("login", 1)
+    emitter.off("all_event", plugin.on_event)       # a new bound method object, equal to the first
+    emitter.emit("stop")
+    assert plugin.heard == ["login"]
