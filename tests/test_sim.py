@@ -433,17 +433,22 @@ def test_poll_delivers_every_queued_event_with_the_font_first(server, browser, s
         server.inject_friend_message(group.gid, "not a friend")
 
 
-def test_a_held_poll_wakes_up_for_an_event_and_for_a_lost_session(server, browser, session):
-    answers = []
-
+def poll_on_a_thread(browser, s, answers):
+    """A started thread that polls once and appends the answer to answers (or the error, when the
+    server cuts the held poll)."""
     def held():
         try:
-            answers.append(poll(browser, session))
-        except Exception as e:            # the stopping server may cut the held poll (reset, cut answer)
+            answers.append(poll(browser, s))
+        except Exception as e:
             answers.append(e)
-
     worker = threading.Thread(target=held)
     worker.start()
+    return worker
+
+
+def test_a_held_poll_wakes_up_for_an_event_and_for_a_lost_session(server, browser, session):
+    answers = []
+    worker = poll_on_a_thread(browser, session, answers)
     time.sleep(0.2)
     server.inject_friend_message(server.world.friends[0].uin, "wake up")
     worker.join(2)
@@ -694,15 +699,7 @@ def test_a_failing_route_answers_500_and_the_server_goes_on(server, browser, ses
 def test_stop_ends_held_polls_and_threads(server, browser, session):
     server.poll_hold = 30
     answers = []
-
-    def held():
-        try:
-            answers.append(poll(browser, session))
-        except Exception as e:            # the stopping server may cut the held poll (reset, cut answer)
-            answers.append(e)
-
-    worker = threading.Thread(target=held)
-    worker.start()
+    worker = poll_on_a_thread(browser, session, answers)
     time.sleep(0.2)
     started = time.time()
     server.stop()
