@@ -2759,8 +2759,7 @@ class Client(EventEmitter):
                 if old != friend.state:
                     self.emit("friend_property_change", friend, "state", old, friend.state)
         elif kind == "apply":
-            for name, args in item["fn"]() or ():
-                self.emit(name, *args)
+            self._announce(item["fn"]() or ())
         elif kind == "kick":
             self.stop(reason="%s，客户端停止运行 (logged out by the server)" % item["reason"], status=1)
         elif kind == "message":

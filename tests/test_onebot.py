@@ -535,9 +535,14 @@ def test_notices_change_the_contacts(make_bridge):
     sim.remove_friend(BOB)                 # no event exists for it: the periodic friend list diff finds it
     assert reports.wait(event("lose_friend"), timeout=5)["params"] == [friend_json(BOB, "bob", None)]
     assert [g["uid"] for g in bridge.get("get_group_basic_info").json()] == [PERL]
+    sim.add_group(30003, "新群", members=[{"user_id": DAVE, "nickname": "dave", "role": "owner"}])
+    sim.join_group(30003, ME)              # we joined: the report lists the new group's members, as after a refresh
+    joined = reports.wait(event("new_group"))["params"][0]
+    assert (joined["name"], [m["id"] for m in joined["member"]]) == ("新群", [DAVE, ME])
     assert [e["event"] for e in bridge.flush()] == [
         "group_member_property_change", "group_member_property_change", "group_property_change",
-        "group_property_change", "group_member_property_change", "new_friend", "lose_group", "lose_friend"]
+        "group_property_change", "group_member_property_change", "new_friend", "lose_group", "lose_friend",
+        "new_group"]
 
 
 def test_napcat_temp_session_goes_nowhere_unverified(make_bridge):
