@@ -1450,10 +1450,11 @@ class Stopped(Exception):
 
 
 class UpstreamError(Exception):
-    """An upstream API answered with an error code (-1: no JSON at all)."""
+    """An upstream API answered with an error code (-1: not with an answer of the API at all, and
+    then the text alone says what came)."""
 
     def __init__(self, code, text=""):
-        Exception.__init__(self, "retcode %s%s" % (code, ": " + text if text else ""))
+        Exception.__init__(self, text if code == -1 and text else "retcode %s%s" % (code, ": " + text if text else ""))
         self.code = code
 
 
