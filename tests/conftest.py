@@ -3,6 +3,7 @@ import collections
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -143,8 +144,34 @@ def admin_group(client):
     return [g for g in client.contacts.groups() if g.role in ("create", "manage")][0]
 
 
+def ephemeral_low():
+    """The first port of the kernel's range for outgoing connections (32768 where it can't be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+HANDED_OUT = set()
+
+
 def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, below the range the kernel gives outgoing
+    connections (so that none of them takes it before the program under test binds it), and never
+    the same one twice in a test session."""
+    top = ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, top - 12000), top)
+        if port in HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        HANDED_OUT.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
