@@ -89,7 +89,8 @@ __all__ = [
     "check_protected", "listen_entries", "parse_listen", "serve", "points_into", "Poller", "AUTH_FAILED",
     "NOT_RUNNING", "NOT_FOUND", "BAD_REQUEST", "INTERNAL_ERROR",
     # options: one table per plugin, read by one helper (docs/internals.md, "Plugins")
-    "OptionError", "read_options", "one_of", "check_url", "check_listen", "check_port", "check_log_level",
+    "OptionError", "read_options", "one_of", "non_negative", "whole", "check_url", "check_listen", "check_port",
+    "check_log_level",
     "ArgumentParser",
     # helpers
     "Thread", "json_dumps", "to_int", "to_bool", "to_list", "is_loopback", "redact_url", "atomic_write",
@@ -415,8 +416,9 @@ def or_list(words):
 
 
 def check_option(name, entry, value):
-    """value for the option name through its table entry's check (None and "" are unset: not checked)."""
-    if len(entry) < 3 or value is None or value == "":
+    """value for the option name through its table entry's check (None is unset, and so is "" where the
+    default is not a number: not checked)."""
+    if len(entry) < 3 or value is None or (value == "" and not isinstance(entry[0], (int, float))):
         return value
     try:
         return entry[2](value)
@@ -467,6 +469,27 @@ def check_url(value):
     if port == 0:
         raise ValueError("must be a URL with a port from 1 to 65535, not %r" % text)
     return text
+
+
+def non_negative(value):
+    """A check: a number, 0 or more (seconds, a rate), as a float."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not number >= 0:
+        raise ValueError("must be a number, 0 or more, not %r" % (value,))
+    return number
+
+
+def whole(minimum=0):
+    """A check: a whole number, minimum or more."""
+    def check(value):
+        number = to_int(value) if not isinstance(value, float) or value.is_integer() else None
+        if number is None or number < minimum:
+            raise ValueError("must be a whole number, %d or more, not %r" % (minimum, value))
+        return number
+    return check
 
 
 def check_port(value):

@@ -30,13 +30,13 @@ import threading
 import time
 from urllib.parse import quote
 
-from webqq import FACES, NOT_FOUND, ApiError, Response, bad_request, json_dumps
+from webqq import FACES, NOT_FOUND, ApiError, Response, bad_request, json_dumps, non_negative, whole
 
-# option: (default, one line of help)
+# option: (default, one line of help, check)
 OPTIONS = collections.OrderedDict([
-    ("history", (200, "messages kept per conversation for the page (received and sent)")),
-    ("conversations", (500, "conversations kept at most (the one quiet longest is forgotten first)")),
-    ("hold", (25.0, "seconds a page's status request waits for something to change")),
+    ("history", (200, "messages kept per conversation for the page (received and sent)", whole())),
+    ("conversations", (500, "conversations kept at most (the one quiet longest is forgotten first)", whole())),
+    ("hold", (25.0, "seconds a page's status request waits for something to change", non_negative)),
 ])
 
 # What the status tells a script in each state (the page has its own words, in Chinese and English).
@@ -72,9 +72,9 @@ class Console(object):
 
     def __init__(self, client, server, options):
         self.client, self.server = client, server
-        self.hold = float(options["hold"])
-        self.history = max(1, int(options["history"]))
-        self.most = max(1, int(options["conversations"]))
+        self.hold = options["hold"]
+        self.history = max(1, options["history"])
+        self.most = max(1, options["conversations"])
         self.histories = collections.OrderedDict()      # conversation -> deque of message JSON bytes, latest last
         self.progress = {}
         self.qrcodes = 0

@@ -41,8 +41,8 @@ from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunspli
 import webqq
 from webqq import (ENV_PREFIX, ApiError, ApiServer, ArgumentParser, Client, Guard, Poller, Response, atomic_write,
                    bad_request, check_listen, check_log_level, check_protected, check_url, configure_logging,
-                   json_dumps, listen_entries, parse_listen, pid_alive, points_into, read_config, read_options,
-                   read_pid, remove_file, save_file, serve, to_list)
+                   json_dumps, listen_entries, non_negative, parse_listen, pid_alive, points_into, read_config,
+                   read_options, read_pid, remove_file, save_file, serve, to_bool, to_list, whole)
 
 ###############################################################################
 # 1. Constants
@@ -81,23 +81,24 @@ OPTIONS = collections.OrderedDict([
     ("listen", ([{"host": "127.0.0.1", "port": 4000}], "API address(es) of the controller", check_listen)),
     ("access_token", (None, "require this token on every request (query access_token= or Bearer)")),
     ("auth", (None, None)),      # a function(params, request) -> bool deciding every request
-    ("allow_insecure", (False, "listen beyond loopback without an access_token")),
+    ("allow_insecure", (False, "listen beyond loopback without an access_token", to_bool)),
     ("allow_origin", ((), "browser origins allowed to call the API")),
     ("tmpdir", (None, "folder for the registry, pid, INI and client files (default: the system temp folder)")),
     ("pid_path", (None, "pid file (default: tmpdir/mojo_webqq_controller_process.pid)")),
     ("backend_path", (None, "registry (default: tmpdir/mojo_webqq_controller_backend.json)")),
-    ("backend_start_port", (5000, "first port tried for a client's Openqq API")),
-    ("max_clients", (100, "how many clients may run at once")),
+    ("backend_start_port", (5000, "first port tried for a client's Openqq API", whole())),
+    ("max_clients", (100, "how many clients may run at once", whole())),
     ("post_api", (None, "every client's post_api unless start_client gives one (client=NAME added)", check_url)),
     ("poll_api", (None, "GET this URL in a loop; a redirect into this API is carried out", check_url)),
-    ("poll_interval", (5.0, "seconds between two poll_api requests")),
-    ("poll_timeout", (120.0, "seconds to wait for one poll_api answer")),
-    ("check_interval", (1.0, "seconds between two checks of the clients")),
-    ("start_timeout", (30.0, "seconds a started client has to answer on its port before it is restarted")),
-    ("restart_delay", (1.0, "seconds before the first restart of a crashed client (doubles, up to 60)")),
-    ("stop_timeout", (10.0, "seconds a stopping client has before it is killed")),
-    ("client_grace", (10.0, "seconds clients wait for a restarting controller before they stop")),
-    ("proxy_timeout", (120.0, "seconds to wait for a client's answer to a proxied request")),
+    ("poll_interval", (5.0, "seconds between two poll_api requests", non_negative)),
+    ("poll_timeout", (120.0, "seconds to wait for one poll_api answer", non_negative)),
+    ("check_interval", (1.0, "seconds between two checks of the clients", non_negative)),
+    ("start_timeout", (30.0, "seconds a started client has to answer on its port before it is restarted",
+                       non_negative)),
+    ("restart_delay", (1.0, "seconds before the first restart of a crashed client (doubles, up to 60)", non_negative)),
+    ("stop_timeout", (10.0, "seconds a stopping client has before it is killed", non_negative)),
+    ("client_grace", (10.0, "seconds clients wait for a restarting controller before they stop", non_negative)),
+    ("proxy_timeout", (120.0, "seconds to wait for a client's answer to a proxied request", non_negative)),
     ("log_level", ("info", "debug info msg warn error fatal (also every client's, unless given)",
                    check_log_level)),
     ("log_path", (None, "log file, also every client's unless given (default: standard error)")),
@@ -444,11 +445,6 @@ class Controller(object):
 
     def __init__(self, **options):
         opts = read_options("controller", self.OPTIONS, {k: v for k, v in options.items() if v is not None})
-        for name in ("poll_interval", "poll_timeout", "check_interval", "start_timeout", "restart_delay",
-                     "stop_timeout", "client_grace", "proxy_timeout"):
-            opts[name] = float(opts[name])
-        for name in ("backend_start_port", "max_clients"):
-            opts[name] = int(opts[name])
         opts["backend_start_port"] = min(max(opts["backend_start_port"], 1), 49152)
         self.opts = opts
         self.log = logging.getLogger("webqq").getChild("controller")

@@ -34,7 +34,7 @@ import webqq
 from webqq import (AUTH_FAILED, BAD_REQUEST, FACES, NOT_RUNNING, OWN_AGENT, ApiError, ApiServer, Friend, Group,
                    GroupMember, Http, LoginFailed, NeedRelogin, Response, Stopped, TransportError, Upstream,
                    UpstreamError, User, bad_request, check_listen, check_url, encode_content, final_status,
-                   is_loopback, json_dumps, parse_listen, to_bool, to_int)
+                   is_loopback, json_dumps, non_negative, parse_listen, to_bool, to_int, whole)
 
 ###############################################################################
 # 1. Constants
@@ -49,17 +49,18 @@ OPTIONS = collections.OrderedDict([
                 check_listen)),
     ("secret", (None, "the key of the X-Signature of those posts (NapCat/LLOneBot: the HTTP client's token)")),
     ("self_id", (None, "the QQ number expected; another account logged in there is refused")),
-    ("allow_insecure", (False, "receive events on a non-loopback address without a secret (not recommended)")),
-    ("timeout", (None, "seconds to wait for one API call (default: http_timeout)")),
-    ("status_interval", (30.0, "seconds between two get_status checks when no heartbeat comes")),
-    ("status_failures_max", (3, "unanswered checks in a row before the bridge counts the implementation as gone")),
-    ("poll_hold", (1.0, "seconds the poll loop waits for events before checking liveness again")),
-    ("send_rate", (1.0, "sends (and bans, kicks) per second at most, after a burst; 0 for no limit")),
-    ("send_burst", (5, "sends allowed at once before send_rate applies")),
-    ("dedup_size", (4096, "event keys remembered to drop duplicated posts")),
-    ("dedup_ttl", (300.0, "seconds an event key is remembered")),
-    ("queue_size", (10000, "events waiting to be processed at most (more are refused with HTTP 503)")),
-    ("max_body_size", (4194304, "largest event post, in bytes")),
+    ("allow_insecure", (False, "receive events on a non-loopback address without a secret (not recommended)", to_bool)),
+    ("timeout", (None, "seconds to wait for one API call (default: http_timeout)", non_negative)),
+    ("status_interval", (30.0, "seconds between two get_status checks when no heartbeat comes", non_negative)),
+    ("status_failures_max", (3, "unanswered checks in a row before the bridge counts the implementation as gone",
+                             whole(1))),
+    ("poll_hold", (1.0, "seconds the poll loop waits for events before checking liveness again", non_negative)),
+    ("send_rate", (1.0, "sends (and bans, kicks) per second at most, after a burst; 0 for no limit", non_negative)),
+    ("send_burst", (5, "sends allowed at once before send_rate applies", whole(1))),
+    ("dedup_size", (4096, "event keys remembered to drop duplicated posts", whole(1))),
+    ("dedup_ttl", (300.0, "seconds an event key is remembered", non_negative)),
+    ("queue_size", (10000, "events waiting to be processed at most (more are refused with HTTP 503)", whole(1))),
+    ("max_body_size", (4194304, "largest event post, in bytes", whole(1))),
 ])
 
 # What a received segment shows as in Openqq content (text, face and at are rendered apart).
@@ -908,27 +909,16 @@ def listen_entry(value):
 
 
 def prepare_options(options, client):
-    """The options (every one of OPTIONS: Client.load read them) as the bridge uses them; ValueError
-    for a mistake."""
+    """The options (every one of OPTIONS: Client.load read and checked them) as the bridge uses them;
+    ValueError for a mistake."""
     opts = dict(options)
-    if opts["timeout"] is None:
-        opts["timeout"] = client.options["http_timeout"]
-    for name in ("timeout", "status_interval", "poll_hold", "send_rate", "dedup_ttl"):
-        try:
-            opts[name] = float(opts[name])
-        except (TypeError, ValueError):
-            raise ValueError("onebot: option %s must be a number" % name)
-    for name in ("status_failures_max", "send_burst", "dedup_size", "queue_size", "max_body_size"):
-        value = to_int(opts[name])
-        if value is None or value < 1:
-            raise ValueError("onebot: option %s must be a whole number above 0" % name)
-        opts[name] = value
+    if opts["timeout"] in (None, ""):
+        opts["timeout"] = float(client.options["http_timeout"])
     for name in ("url", "access_token", "secret"):
         opts[name] = str(opts[name]) if opts[name] not in (None, "") else None
     if not opts["url"]:
         raise ValueError("onebot: url (the OneBot HTTP API) is required")
     opts["self_id"] = to_int(opts["self_id"]) if opts["self_id"] not in (None, "") else None
-    opts["allow_insecure"] = to_bool(opts["allow_insecure"])
     opts["listen"] = listen_entry(opts["listen"])
     if not (is_loopback(opts["listen"]["host"], resolve=True) or opts["secret"] or opts["allow_insecure"]):
         raise ValueError("onebot refuses to receive events on %s without a secret: anyone who reaches it "

@@ -41,7 +41,7 @@ except ImportError:         # a Python built without it: memory only, said once
 import webqq
 from webqq import (NOT_FOUND, NOT_RUNNING, OWN_AGENT, ApiError, ApiServer, Guard, Http, Message, Poller, Response,
                    TransportError, bad_request, check_listen, check_protected, check_url, json_dumps, listen_entries,
-                   one_of, points_into, redact_url, serve, to_bool, to_int, to_list)
+                   non_negative, one_of, points_into, redact_url, serve, to_bool, to_int, to_list, whole)
 
 ###############################################################################
 # 1. Constants
@@ -58,42 +58,46 @@ OPTIONS = collections.OrderedDict([
                check_listen)),
     ("access_token", (None, "require this token on every request (?access_token= or Authorization: Bearer)")),
     ("auth", (None, None)),
-    ("allow_insecure", (False, "start on a non-loopback address without a token (not recommended)")),
+    ("allow_insecure", (False, "start on a non-loopback address without a token (not recommended)", to_bool)),
     ("allow_origin", ((), "browser origins allowed to call the API cross-site (* for any)")),
     ("tls_cert", (None, "TLS certificate file for every listen entry")),
     ("tls_key", (None, "TLS private key file")),
     ("tls_ca", (None, "CA file: with it, client certificates are required")),
     ("tls_ciphers", (None, "OpenSSL cipher list for TLS")),
     ("request_timeout", (ApiServer.request_timeout,
-                         "seconds a request may take to arrive whole, and an idle connection may stay open")),
-    ("max_body_size", (ApiServer.max_body_size, "largest request body, in bytes")),
-    ("max_connections", (ApiServer.max_connections, "open connections per listen address")),
+                         "seconds a request may take to arrive whole, and an idle connection may stay open",
+                         non_negative)),
+    ("max_body_size", (ApiServer.max_body_size, "largest request body, in bytes", whole())),
+    ("max_connections", (ApiServer.max_connections, "open connections per listen address", whole())),
     ("post_api", (None, "URL that every message and listed event is POSTed to as JSON", check_url)),
-    ("post_event", (True, "false: report messages only, no events")),
+    ("post_event", (True, "false: report messages only, no events", to_bool)),
     ("post_event_list", (DEFAULT_EVENTS, "events to report (comma-separated)")),
-    ("post_stdout", (False, "also print every report as one JSON line on standard output")),
+    ("post_stdout", (False, "also print every report as one JSON line on standard output", to_bool)),
     ("post_secret", (None, "sign reports: X-Signature: sha1=<HMAC-SHA1 of the body with this key>")),
-    ("post_timeout", (5, "seconds to wait for one post_api answer")),
+    ("post_timeout", (5, "seconds to wait for one post_api answer", non_negative)),
     ("post_retries", (None, "retries of a report after a connection error or HTTP 502/503/504 (default: until it "
-                            "is delivered or older than post_max_age)")),
-    ("post_retry_backoff", (1.0, "first retry delay in seconds; it doubles each time, up to 30")),
+                            "is delivered or older than post_max_age)", whole())),
+    ("post_retry_backoff", (1.0, "first retry delay in seconds; it doubles each time, up to 30", non_negative)),
     ("post_queue_size", (10000, "reports waiting for delivery at most (the oldest is dropped beyond, logged and "
-                                "counted)")),
-    ("post_max_age", (86400, "seconds a report may wait for delivery; older ones are dropped (logged and counted)")),
-    ("post_workers", (4, "delivery threads")),
-    ("post_media_data", (True, "accepted and ignored, as in the original")),
-    ("check_event_list_max_size", (20, "events check_event keeps (the oldest is dropped beyond)")),
-    ("check_event_timeout", (30, "seconds a check_event long poll waits before answering []")),
-    ("check_event_history_size", (1000, "events kept for cursor readers")),
-    ("check_event_history_age", (86400, "seconds an event is kept for cursor readers across a restart")),
+                                "counted)", whole())),
+    ("post_max_age", (86400, "seconds a report may wait for delivery; older ones are dropped (logged and counted)",
+                      non_negative)),
+    ("post_workers", (4, "delivery threads", whole())),
+    ("post_media_data", (True, "accepted and ignored, as in the original", to_bool)),
+    ("check_event_list_max_size", (20, "events check_event keeps (the oldest is dropped beyond)", whole())),
+    ("check_event_timeout", (30, "seconds a check_event long poll waits before answering []", non_negative)),
+    ("check_event_history_size", (1000, "events kept for cursor readers", whole())),
+    ("check_event_history_age", (86400, "seconds an event is kept for cursor readers across a restart",
+                                 non_negative)),
     ("store", ("sqlite", "sqlite: keep undelivered reports and the cursor history in a file, across crashes and "
                          "restarts; memory: only in memory", one_of("sqlite", "memory"))),
     ("store_path", (None, "the store file (default: tmpdir/mojo_webqq_store_<account>.sqlite3)")),
-    ("store_fsync", (False, "make each report reach the disk before it counts (survives a power cut; slower)")),
+    ("store_fsync", (False, "make each report reach the disk before it counts (survives a power cut; slower)",
+                     to_bool)),
     ("poll_api", (None, "URL to GET forever while the client runs (reverse calls)", check_url)),
-    ("poll_interval", (5, "seconds between two poll_api requests")),
-    ("poll_timeout", (120, "seconds to wait for one poll_api answer")),
-    ("stop_delay", (3, "seconds between the answer of stop_client / relogin and the action")),
+    ("poll_interval", (5, "seconds between two poll_api requests", non_negative)),
+    ("poll_timeout", (120, "seconds to wait for one poll_api answer", non_negative)),
+    ("stop_delay", (3, "seconds between the answer of stop_client / relogin and the action", non_negative)),
 ])
 
 MESSAGE_TYPES = frozenset(("friend_message", "group_message", "discuss_message", "sess_message"))
@@ -1368,26 +1372,10 @@ class Openqq(object):
                                                        "mojo_webqq_store_%s.sqlite3" % self.client.account)
 
     def prepare_options(self, options):
-        """The options (every one of OPTIONS: Client.load read them) as the plugin uses them; ValueError
-        for a mistake."""
+        """The options (every one of OPTIONS: Client.load read and checked them) as the plugin uses them;
+        ValueError for a mistake."""
         opts = dict(options)
-        for name in ("allow_insecure", "post_event", "post_stdout", "store_fsync"):
-            opts[name] = to_bool(opts[name])
-        for name in ("request_timeout", "post_timeout", "post_retry_backoff", "post_max_age", "check_event_timeout",
-                     "check_event_history_age", "poll_interval", "poll_timeout", "stop_delay"):
-            try:
-                opts[name] = float(opts[name])
-            except (TypeError, ValueError):
-                raise ValueError("openqq: option %s must be a number of seconds" % name)
-        for name in ("max_body_size", "max_connections", "post_retries", "post_queue_size",
-                     "post_workers", "check_event_list_max_size", "check_event_history_size"):
-            if name == "post_retries" and opts[name] in (None, ""):
-                opts[name] = None       # until delivered or too old
-                continue
-            value = to_int(opts[name])
-            if value is None or value < 0:
-                raise ValueError("openqq: option %s must be a whole number" % name)
-            opts[name] = value
+        opts["post_retries"] = opts["post_retries"] if opts["post_retries"] != "" else None   # until delivered
         opts["check_event_list_max_size"] = opts["check_event_list_max_size"] or 20   # as the original
         opts["poll_interval"] = opts["poll_interval"] or 5
         opts["post_workers"] = max(1, opts["post_workers"])

@@ -23,7 +23,7 @@ import time
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
-from webqq import check_port, one_of
+from webqq import check_port, non_negative, one_of
 
 DEFAULT_PORTS = {"ssl": 465, "starttls": 587, "none": 25}
 
@@ -40,7 +40,7 @@ OPTIONS = collections.OrderedDict([
     ("subject", ("webqq: scan this QR code to log in ({account})",
                  "mail subject; {account} and {number} are replaced")),
     ("cafile", (None, "CA certificates to trust for the server (default: the system's)")),
-    ("timeout", (30.0, "seconds to wait for the server")),
+    ("timeout", (30.0, "seconds to wait for the server", non_negative)),
 ])
 ATTEMPTS = 3  # per QR code, a few seconds apart (connections get reset: qqbot #344)
 
@@ -54,7 +54,6 @@ class QRMail(object):
             if not opts[name]:
                 raise ValueError("qrmail: option %s is required" % name)
         opts["port"] = int(opts["port"] or DEFAULT_PORTS[opts["tls"]])
-        opts["timeout"] = float(opts["timeout"])
         recipients = opts["to"] if isinstance(opts["to"], (list, tuple)) else str(opts["to"]).split(",")
         self.to = [address.strip() for address in recipients if address.strip()]
         self.sender = opts["from"] or opts["user"] or self.to[0]
