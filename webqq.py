@@ -33,8 +33,8 @@ import collections
 import datetime
 import difflib
 import email.parser
-import errno
 import email.policy
+import errno
 import hmac
 import html
 import http.client
@@ -403,10 +403,16 @@ class OptionError(ValueError, TypeError):
     """An option its owner doesn't have, or a value its check refuses (a TypeError too, like an unknown keyword)."""
 
 
+def closest(word, choices):
+    """The choice closest to word (a misspelling of it), or None."""
+    close = difflib.get_close_matches(str(word).lower(), [str(choice) for choice in choices], 1)
+    return close[0] if close else None
+
+
 def did_you_mean(word, choices):
     """" (did you mean 'x'?)" for the choice closest to word, else ""."""
-    close = difflib.get_close_matches(str(word).lower(), [str(choice) for choice in choices], 1)
-    return " (did you mean %r?)" % close[0] if close else ""
+    close = closest(word, choices)
+    return " (did you mean %r?)" % close if close else ""
 
 
 def or_list(words):
@@ -526,7 +532,7 @@ def check_qr_modes(value):
 
 
 # log_level: the names of LOG_LEVELS, warning another name of warn
-check_log_level = one_of("debug", "info", "msg", "warn", "error", "fatal", warning="warn")
+check_log_level = one_of(*(name for name in LOG_LEVELS if name != "warning"), warning="warn")
 
 
 FACES = {
@@ -1012,7 +1018,7 @@ class Group(Container):
 
     @property
     def displayname(self):
-        return self.markname if self.markname is not None else self.name
+        return self.name
 
 
 class GroupMember(Model):
@@ -1284,8 +1290,7 @@ class Contacts(object):
             if any(item.id == obj.id for item in items):
                 return []
             items.append(obj)
-            self._reindex("friend" if kind == "friend" else "group")
-            return [("new_" + kind, (obj,) + ((container,) if container is not None else ()))]
+            return self._changed_by("new_", kind, obj, container)
 
     def _remove(self, kind, items, id, container=None):
         """Remove the object with this id from items: its lose_<kind> event."""
@@ -1293,9 +1298,12 @@ class Contacts(object):
             for obj in items:
                 if obj.id == id:
                     items.remove(obj)
-                    self._reindex("friend" if kind == "friend" else "group")
-                    return [("lose_" + kind, (obj,) + ((container,) if container is not None else ()))]
+                    return self._changed_by("lose_", kind, obj, container)
             return []
+
+    def _changed_by(self, prefix, kind, obj, container):
+        self._reindex("friend" if kind == "friend" else "group")
+        return [(prefix + kind, (obj,) if container is None else (obj, container))]
 
 ###############################################################################
 # 5. Messages
@@ -2122,8 +2130,8 @@ class NoPlugin(ImportError):
 
     def __init__(self, name):
         names = plugin_names()
-        close = difflib.get_close_matches(name.lower(), names, 1)
-        self.hint = "did you mean [%s]?" % close[0] if close else "the plugins: %s" % ", ".join(names)
+        close = closest(name, names)
+        self.hint = "did you mean [%s]?" % close if close else "the plugins: %s" % ", ".join(names)
         ImportError.__init__(self, "no plugin called %r (%s)" % (name, self.hint))
 
 
@@ -4929,17 +4937,14 @@ def load_settings(args, environ):
         if not sep or not key:
             raise ConfigError("flag -o %s" % item, "expected [SECTION.]KEY=VALUE")
         settings.set(section or "webqq", key.replace("-", "_"), text, "flag -o %s" % item)
-    if args.listen or args.post_api or args.access_token:
-        openqq = settings.plugins.setdefault("openqq", {})
+    if args.listen:
         try:
-            if args.listen:
-                openqq["listen"] = [parse_listen(text) for text in args.listen]
+            settings.plugins.setdefault("openqq", {})["listen"] = [parse_listen(text) for text in args.listen]
         except ValueError as e:
             raise ConfigError("flag --listen", str(e))
-        if args.post_api:
-            openqq["post_api"] = args.post_api
-        if args.access_token:
-            openqq["access_token"] = args.access_token
+    for name in ("post_api", "access_token"):
+        if getattr(args, name):
+            settings.set("openqq", name, getattr(args, name), "flag --" + name.replace("_", "-"))
     for name, off in (("openqq", args.no_openqq), ("console", args.no_openqq or args.no_console)):
         if off:
             settings.plugins.pop(name, None)

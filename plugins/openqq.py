@@ -722,11 +722,8 @@ class Reporter(object):
                     expired.append(report)
                     report = queue.popleft() if queue else None
                     self.pending -= report is not None
-                self.counts["expired"] += len(expired)
             if expired:
-                self.store.remove(*(r.id for r in expired))
-                self.log.warning("post_api: %d report(s) older than post_max_age (%s) dropped undelivered: %s",
-                                 len(expired), seconds_text(self.max_age), describe_all(expired))
+                self._expire(expired)
             if report is None:
                 continue
             try:
@@ -765,11 +762,7 @@ class Reporter(object):
             if again and self.stopping.is_set():
                 return False
             if again and time.time() - report.created > self.max_age:
-                self.store.remove(report.id)
-                with self.lock:
-                    self.counts["expired"] += 1
-                self.log.warning("post_api: report %s older than post_max_age (%s) dropped undelivered (%s)",
-                                 describe(report), seconds_text(self.max_age), error)
+                self._expire([report], error)
                 return True
             if not again or (self.retries is not None and attempt >= self.retries):
                 self.store.answer(report.id)
@@ -788,6 +781,15 @@ class Reporter(object):
             self.log.debug("post_api %s, retry %d of report %s in %g s", error, attempt, report.id, delay)
             if self.stopping.wait(delay):
                 return False
+
+    def _expire(self, reports, error=None):
+        """Forget reports older than post_max_age, undelivered: counted, and named in the log."""
+        self.store.remove(*(r.id for r in reports))
+        with self.lock:
+            self.counts["expired"] += len(reports)
+        self.log.warning("post_api: %d report(s) older than post_max_age (%s) dropped undelivered%s: %s",
+                         len(reports), seconds_text(self.max_age), " (%s)" % error if error else "",
+                         describe_all(reports))
 
     def _given_up(self, report, status, again, attempt):
         """Why a report is not tried again, for the log."""
