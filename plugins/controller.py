@@ -838,11 +838,9 @@ def build_parser():
             parser.add_argument(flag, action="append", metavar="ORIGIN", help=text)
         elif isinstance(default, bool):
             parser.add_argument(flag, action="store_true", default=None, help=text)
-        elif isinstance(default, (int, float)):
-            parser.add_argument(flag, type=type(default), help="%s (default %s)" % (text, default))
         else:
             parser.add_argument(flag, type=flag_type(check) if check else None,
-                                help=text + (" (default %s)" % default if default else ""))
+                                help=text + (" (default %s)" % default if default is not None else ""))
     return parser
 
 

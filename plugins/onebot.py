@@ -34,7 +34,7 @@ import webqq
 from webqq import (AUTH_FAILED, BAD_REQUEST, FACES, NOT_RUNNING, OWN_AGENT, ApiError, ApiServer, Friend, Group,
                    GroupMember, Http, LoginFailed, NeedRelogin, Response, Stopped, TransportError, Upstream,
                    UpstreamError, User, bad_request, check_listen, check_url, encode_content, final_status,
-                   is_loopback, json_dumps, non_negative, parse_listen, to_bool, to_int, whole)
+                   is_loopback, json_dumps, listen_entries, non_negative, to_bool, to_int, whole)
 
 ###############################################################################
 # 1. Constants
@@ -895,17 +895,14 @@ def make_member(data):
 
 
 def listen_entry(value):
-    """The listen option ("host:port", {"host", "port"}, or a list of one of those) as {host, port}."""
-    if isinstance(value, (list, tuple)) and len(value) == 1:
-        value = value[0]
-    if isinstance(value, (str, int)):
-        return parse_listen(str(value))
-    if isinstance(value, dict):
-        port = to_int(value.get("port"))
-        if port is None or not 0 <= port <= 65535:
-            raise ValueError("onebot: invalid listen port %r" % value.get("port"))
-        return {"host": str(value.get("host") or "127.0.0.1").strip("[]"), "port": port}
-    raise ValueError("onebot: listen must be host:port (one address)")
+    """The listen option ("host:port", {"host", "port"}, or a list of one of those) as a listen entry."""
+    try:
+        entries = listen_entries(value, default_port=8080)
+    except ValueError as e:
+        raise ValueError("onebot: %s" % e)
+    if len(entries) != 1:
+        raise ValueError("onebot: listen must be host:port (one address)")
+    return entries[0]
 
 
 def prepare_options(options, client):
